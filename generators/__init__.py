@@ -1,0 +1,1 @@
+"""Generators: the VLM answerer and the reference-grounded diffusion generator (see ARCHITECTURE.md)."""

@@ -1,0 +1,1 @@
+"""End-to-end pipelines, config loading, CLI and evaluation."""

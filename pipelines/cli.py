@@ -1,0 +1,187 @@
+"""The ``mmrag`` command line. Each subcommand maps to one library function.
+
+Errors print one line on stderr and exit non-zero; set ``MMRAG_DEBUG=1`` for tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+EXIT_ERROR = 2  # a problem with the input or the environment the user can fix
+EXIT_BUG = 1  # an unexpected failure
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="YAML config or preset name (default, tiny); flags override it")
+
+
+def _add_kb(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--kb", metavar="DIR", required=required, help="knowledge-base folder")
+    p.add_argument("--url", metavar="URL", help="Chroma server holding the vectors (http://127.0.0.1:PORT)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmrag", description="Retrieval-augmented multimodal generation.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("ingest", help="add a folder, JSONL/CSV manifest, or WebDataset shards to a knowledge base")
+    p.add_argument("source", help="folder, .jsonl, .csv, .tar (or a glob of .tar shards)")
+    _add_kb(p)
+    _add_config(p)
+    p.add_argument("--batch-size", type=int, help="items embedded and written per batch")
+    p.add_argument("--report", metavar="FILE", help="write the full report as JSONL here")
+    p.add_argument("--allow-remote", action="store_true", default=None, help="fetch http(s) image URLs")
+    p.add_argument("--lock-timeout", type=float, metavar="S", help="wait this long for another writer")
+    p.add_argument("--json", action="store_true", help="print the report summary as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    kb = sub.add_parser("kb", help="inspect a knowledge base").add_subparsers(dest="kb_command", required=True, metavar="SUBCOMMAND")
+    for name, helptext in (("info", "counts, embedder, size on disk"), ("verify", "check ids, vectors and images agree")):
+        p = kb.add_parser(name, help=helptext)
+        _add_kb(p)
+        _add_config(p)
+        p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("tiny-models", help="build the tiny offline models into DIR")
+    p.add_argument("directory", metavar="DIR")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="build only these")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("demo", help="build tiny models, ingest a generated sample set, show the knowledge base")
+    _add_config(p)
+    p.add_argument("--out", default="demo-out", metavar="DIR", help="output folder (default: demo-out)")
+
+    sub.add_parser("env", help="versions and devices, for bug reports")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not os.environ.get("MMRAG_DEBUG"):
+        _quiet_libraries()
+    from retrievers.errors import MMRAGError
+
+    try:
+        return _COMMANDS[args.command](args) or 0
+    except MMRAGError as e:
+        print(f"mmrag {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"mmrag {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one line for users; the traceback on request
+        if os.environ.get("MMRAG_DEBUG"):
+            raise
+        print(f"mmrag {args.command}: unexpected {type(e).__name__}: {e} (set MMRAG_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return EXIT_BUG
+
+
+def _quiet_libraries() -> None:
+    """Keep the terminal for mmrag's own output: no weight-loading bars or advisory warnings."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _config(args, **overrides: Any):
+    from .config import load_config
+
+    return load_config(getattr(args, "config", None), overrides)
+
+
+def _cmd_ingest(args) -> int:
+    from retrievers.sources import iter_source
+
+    from .components import open_knowledge_base
+
+    cfg = _config(args, **{"kb.path": args.kb, "kb.url": args.url, "kb.allow_remote": args.allow_remote,
+                           "kb.lock_timeout": args.lock_timeout, "ingest.batch_size": args.batch_size,
+                           "ingest.report": args.report})
+    iter_source(args.source, allow_remote=cfg.kb.allow_remote)  # a bad source fails before any model loads
+    kb = open_knowledge_base(cfg)
+    report = kb.ingest(args.source, batch_size=cfg.ingest.batch_size,
+                       progress=not args.no_progress and sys.stderr.isatty())
+    report_path = Path(cfg.ingest.report) if cfg.ingest.report else (
+        kb.path / "reports" / f"ingest-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+    report.write_jsonl(report_path)
+    if args.json:
+        print(json.dumps({**report.to_dict(), "report": str(report_path), "count": kb.count()}))
+    else:
+        print(report.summary())
+        print(f"knowledge base {kb.path}: {kb.count()} records; full report: {report_path}")
+    return 0
+
+
+def _cmd_kb(args) -> int:
+    from .components import open_knowledge_base
+
+    kb = open_knowledge_base(_config(args, **{"kb.path": args.kb, "kb.url": args.url}), create=False)
+    if args.kb_command == "info":
+        info = kb.info()
+        if args.json:
+            print(json.dumps(info))
+        else:
+            width = max(map(len, info))
+            for k, v in info.items():
+                print(f"{k:<{width}}  {v}")
+        return 0
+    problems = kb.verify()
+    if args.json:
+        print(json.dumps(problems))
+    else:
+        for k, v in problems.items():
+            print(f"{k}: {len(v)}" + (f"  e.g. {v[:3]}" if v else ""))
+    return 0 if not any(problems.values()) else EXIT_ERROR
+
+
+def _cmd_tiny_models(args) -> int:
+    from .tiny_models import build_tiny_models
+
+    paths = build_tiny_models(args.directory, args.only, seed=args.seed, progress=lambda m: print(m, file=sys.stderr))
+    for name, path in paths.items():
+        print(f"{name}\t{path}")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    cfg = _config(args) if args.config else _config(argparse.Namespace(config="tiny"))
+    run_demo(cfg, Path(args.out))
+    return 0
+
+
+def _cmd_env(args) -> int:
+    import importlib.metadata as md
+
+    import torch
+
+    from retrievers import __version__
+
+    lines = {"mmrag": __version__, "python": platform.python_version(), "platform": platform.platform()}
+    for pkg in ("torch", "transformers", "diffusers", "accelerate", "chromadb", "llama-index-core", "pillow",
+                "numpy", "pydantic"):
+        try:
+            lines[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            lines[pkg] = "not installed"
+    lines["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "not available"
+    lines["hf_hub_offline"] = os.environ.get("HF_HUB_OFFLINE", "0")
+    for k, v in lines.items():
+        print(f"{k:<18}{v}")
+    return 0
+
+
+_COMMANDS = {"ingest": _cmd_ingest, "kb": _cmd_kb, "tiny-models": _cmd_tiny_models, "demo": _cmd_demo, "env": _cmd_env}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Configuration: YAML files -> validated pydantic models, every field defaulted.
+
+Unknown keys are errors that name the key and list the valid ones, so a typo never passes
+silently. CLI flags override file values through dotted keys (``{"kb.path": "my-kb"}``).
+
+Model names are Hugging Face ids, local directories, or ``tiny:NAME`` for the project's tiny
+offline models (built into ``tiny_models.cache_dir`` on first use).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from retrievers.errors import ConfigError
+from retrievers.images import DEFAULT_MAX_IMAGE_PIXELS
+from retrievers.sources import DEFAULT_MAX_TEXT_CHARS
+
+TINY_PREFIX = "tiny:"
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class EmbedderConfig(_Section):
+    """The dual encoder (CLIP / SigLIP family) that embeds images and texts."""
+
+    model: str = "openai/clip-vit-base-patch32"
+    device: str | None = None  # None: CUDA when present, else CPU
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None  # None: fp16 on CUDA, fp32 on CPU
+    batch_size: int = Field(32, gt=0)
+    trust_remote_code: bool = False
+
+
+class KnowledgeBaseConfig(_Section):
+    path: str = "mmrag-kb"
+    url: str | None = None  # a Chroma server, e.g. http://127.0.0.1:8000; None: embedded Chroma
+    lock_timeout: float = Field(0.0, ge=0)
+    max_image_pixels: int = Field(DEFAULT_MAX_IMAGE_PIXELS, gt=0)
+    max_text_chars: int = Field(DEFAULT_MAX_TEXT_CHARS, gt=0)
+    allow_remote: bool = False  # fetch http(s) image URLs found in manifests
+
+
+class IngestConfig(_Section):
+    batch_size: int = Field(64, gt=0)
+    report: str | None = None  # JSONL report path; None: <kb>/reports/ingest-<time>.jsonl
+
+
+class TinyModelsConfig(_Section):
+    cache_dir: str = "~/.cache/mmrag/tiny-models"
+
+
+class Config(_Section):
+    """Everything a command needs. ``Config()`` equals ``configs/default.yaml``."""
+
+    config_version: Literal[1] = 1
+    embedder: EmbedderConfig = Field(default_factory=EmbedderConfig)
+    kb: KnowledgeBaseConfig = Field(default_factory=KnowledgeBaseConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    tiny_models: TinyModelsConfig = Field(default_factory=TinyModelsConfig)
+
+    def resolve_model(self, name: str) -> str:
+        """A loadable model id or path: ``tiny:NAME`` builds the tiny model on first use."""
+        if not name.startswith(TINY_PREFIX):
+            return name
+        from .tiny_models import ensure_tiny_model
+
+        return str(ensure_tiny_model(name[len(TINY_PREFIX):], Path(self.tiny_models.cache_dir).expanduser()))
+
+
+def load_config(source: str | os.PathLike | Mapping[str, Any] | Config | None = None,
+                overrides: Mapping[str, Any] | None = None) -> Config:
+    """Build a :class:`Config` from a YAML path, a preset name (``"tiny"``), a dict, or nothing
+    (defaults), then apply dotted ``overrides`` whose value is not ``None``."""
+    if isinstance(source, Config):
+        data = source.model_dump()
+        where = "config"
+    elif source is None:
+        data, where = {}, "defaults"
+    elif isinstance(source, Mapping):
+        data, where = dict(source), "config"
+    else:
+        path = _find_config(source)
+        where = str(path)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{where} is not valid YAML: {str(e).splitlines()[0]}.") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where} must hold a mapping of sections (embedder:, kb:, ...), got {type(data).__name__}.")
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(data, dotted, value)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_explain(e, where)) from None
+
+
+def _find_config(source: str | os.PathLike) -> Path:
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path
+    preset = CONFIG_DIR / f"{source}.yaml"
+    if preset.is_file():
+        return preset
+    presets = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"`--config` {str(source)!r} is neither a file nor a preset; presets: {presets}.")
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"Cannot set `{dotted}`: `{k}` is not a section.")
+    node[keys[-1]] = value
+
+
+def _explain(error: ValidationError, where: str) -> str:
+    """One line per problem: the dotted key, what is wrong, and the valid keys for typos."""
+    lines = []
+    for err in error.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            model: type[BaseModel] = Config
+            for part in err["loc"][:-1]:
+                model = model.model_fields[part].annotation
+            valid = ", ".join(sorted(model.model_fields))
+            lines.append(f"unknown key `{loc}` in {where}; valid keys here: {valid}")
+        else:
+            lines.append(f"`{loc}` in {where}: {err['msg']}, got {err.get('input')!r}")
+    return "; ".join(lines) + "."

@@ -1,0 +1,431 @@
+"""Seeded, randomly initialised tiny models, written to disk and loaded back through `from_pretrained`.
+
+Machines without the Hugging Face Hub (CI, the sandbox) run the whole library on these. Each model is
+built from a config, with a tokenizer trained here on a small built-in corpus, and saved with
+`save_pretrained` as safetensors, so that loading it exercises the same code path as a real Hub model.
+Tiny models prove the plumbing, not answer quality.
+
+Layout under ``directory`` (the IP-Adapter mirrors the h94/IP-Adapter repository)::
+
+    clip/         CLIPModel + CLIPProcessor
+    siglip/       SiglipModel + SiglipProcessor
+    llava/        LlavaForConditionalGeneration + LlavaProcessor (chat template included)
+    sd/           StableDiffusionPipeline (32-px images)
+    ip-adapter/models/ip-adapter_sd15.safetensors + ip-adapter/models/image_encoder/
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import pathlib
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+
+import filelock
+import safetensors.torch
+import sentencepiece
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.models.embeddings import ImageProjection
+from tokenizers import pre_tokenizers
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessorPil,
+    CLIPModel,
+    CLIPProcessor,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+    GenerationConfig,
+    LlamaConfig,
+    LlamaTokenizer,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    SiglipConfig,
+    SiglipImageProcessorPil,
+    SiglipModel,
+    SiglipProcessor,
+    SiglipTokenizer,
+)
+
+from retrievers.errors import ConfigError
+
+TINY_MODEL_NAMES = ("clip", "siglip", "llava", "sd", "ip-adapter")
+DUAL_ENCODER_FAMILIES = ("clip", "siglip")
+DUAL_ENCODER_SIZES = ("tiny", "base")
+
+# Written last into a finished model directory; a directory without it is a leftover of a killed build.
+COMPLETE_MARKER = ".complete"
+
+# Captions and questions in the style of the knowledge bases and prompts the tiny models serve. The
+# pangrams put every letter in every vocabulary, so English text needs no unknown or byte tokens.
+_CORPUS = (
+    "A photo of a cat sitting on a red sofa.",
+    "A black dog running across the green park.",
+    "The Eiffel Tower in Paris at night, with lights.",
+    "A painting of a small boat on a quiet lake.",
+    "Two people riding bicycles along the beach at sunset.",
+    "A bowl of fresh fruit on a wooden kitchen table.",
+    "A red double-decker bus driving down a busy street in London.",
+    "Snow-covered mountains under a clear blue sky.",
+    "A close-up of a yellow flower with a bee.",
+    "An old stone bridge over a river in the forest.",
+    "What is shown in this image, and where was it taken?",
+    "Describe the building in the picture in one sentence.",
+    "Which animal appears in both of the reference images?",
+    "The quick brown fox jumps over the lazy dog.",
+    "Pack my box with five dozen liquor jugs!",
+    "Sphinx of black quartz, judge my vow: 0 1 2 3 4 5 6 7 8 9.",
+    "THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG.",
+)
+
+# Shapes shared by both dual-encoder families. "tiny" follows the transformers/diffusers test models
+# (hidden 32, 2 layers, 4 heads, 30-px images); "base" is the ViT-B/32 shape, for benchmarks.
+_DUAL_ENCODER_SHAPES = {
+    "tiny": {
+        "vision": dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                       image_size=30, patch_size=6),
+        "text": dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                     max_position_embeddings=32),
+        "projection_dim": 32,
+    },
+    "base": {
+        "vision": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                       image_size=224, patch_size=32),
+        "text": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8,
+                     max_position_embeddings=77),
+        "projection_dim": 512,
+    },
+}
+_TINY = _DUAL_ENCODER_SHAPES["tiny"]
+
+# LLaVA-1.5's conversation format ("USER: <image>\nWhat is this? ASSISTANT: A cat.</s>USER: ..."), but
+# rendering each message's images and texts in the order given, so references can interleave with text.
+_LLAVA_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif -%}"
+    "{%- if message['content'] is string %}{{ message['content'] + ' ' }}"
+    "{%- else %}{% for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' %}{{ '<image>\\n' }}"
+    "{%- elif item['type'] == 'text' %}{{ item['text'] + ' ' }}{% endif -%}"
+    "{%- endfor %}{% endif -%}"
+    "{%- if message['role'] == 'assistant' %}{{ eos_token }}{% endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif -%}"
+)
+
+
+def _check_choice(argument: str, value: str, choices: Iterable[str]) -> None:
+    if value not in choices:
+        raise ConfigError(f"`{argument}` must be one of {', '.join(map(repr, choices))}, got {value!r}.")
+
+
+# ----------------------------------------------------------------------------------------- tokenizers
+def _learn_bpe(words: list[list[str]], num_merges: int) -> list[tuple[str, str]]:
+    """Byte-pair merges learnt from ``words`` (each a list of initial symbols), most frequent pair first.
+
+    Written out rather than taken from `tokenizers`' BpeTrainer, whose ties (frequent on a corpus this
+    small) fall by hash order and so differ between runs; here they fall by the pair itself.
+    """
+    counts = collections.Counter(tuple(word) for word in words)
+    merges = []
+    for _ in range(num_merges):
+        pairs = collections.Counter()
+        for word, count in counts.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        counts = collections.Counter({_merge(word, best): count for word, count in counts.items()})
+    return merges
+
+
+def _merge(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    merged, i = [], 0
+    while i < len(word):
+        if word[i : i + 2] == pair:
+            merged.append(word[i] + word[i + 1])
+            i += 2
+        else:
+            merged.append(word[i])
+            i += 1
+    return tuple(merged)
+
+
+def _clip_tokenizer(max_length: int) -> CLIPTokenizer:
+    """Byte-level BPE with CLIP's normaliser, pre-tokenizer and "</w>" end-of-word suffix."""
+    backend = CLIPTokenizer().backend_tokenizer
+    words = [
+        list(word)
+        for text in _CORPUS
+        for word, _ in backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(text))
+    ]
+    merges = _learn_bpe([word[:-1] + [word[-1] + "</w>"] for word in words], num_merges=256)
+    # CLIP's vocabulary order: every byte, every byte ending a word, the merges, then the two specials.
+    # With all bytes listed any text encodes without the unknown token (which is also `<|endoftext|>`,
+    # the position the text tower pools).
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = alphabet + [c + "</w>" for c in alphabet] + [a + b for a, b in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={token: i for i, token in enumerate(dict.fromkeys(vocab))}, merges=merges,
+                         model_max_length=max_length)
+
+
+def _llama_tokenizer() -> LlamaTokenizer:
+    """Llama's BPE ("▁" marks a word start, unseen characters fall back to bytes) + LLaVA's `<image>`."""
+    words = [list("▁" + word) for text in _CORPUS for word in text.split()]
+    merges = _learn_bpe(words, num_merges=256)
+    # Llama's vocabulary order: the three specials, the 256 byte-fallback tokens, characters, merges.
+    characters = sorted({character for word in words for character in word})
+    vocab = ["<unk>", "<s>", "</s>"] + [f"<0x{byte:02X}>" for byte in range(256)] + characters
+    vocab += [a + b for a, b in merges]
+    tokenizer = LlamaTokenizer(vocab={token: i for i, token in enumerate(dict.fromkeys(vocab))}, merges=merges,
+                               add_bos_token=True)
+    tokenizer.add_special_tokens({"pad_token": "<pad>", "additional_special_tokens": ["<image>"]})
+    return tokenizer
+
+
+def _siglip_tokenizer(max_length: int, target: pathlib.Path) -> SiglipTokenizer:
+    """A SentencePiece unigram model, as SigLIP's: lower-cased, `</s>` ends and pads every text.
+
+    The model file is written straight into the model directory, where `save_pretrained` leaves it.
+    """
+    spiece = target / "spiece.model"
+    with spiece.open("wb") as model:
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=(text.lower() for text in _CORPUS),  # the tokenizer lower-cases its input
+            model_writer=model,
+            model_type="unigram",
+            vocab_size=256,
+            hard_vocab_limit=False,  # the corpus is too small to fill a fixed vocabulary
+            pad_id=0, eos_id=1, unk_id=2, bos_id=-1,  # SigLIP's ids
+            pad_piece="<pad>",
+            num_threads=1,  # one thread keeps the vocabulary reproducible
+            minloglevel=2,
+        )
+    return SiglipTokenizer(vocab_file=str(spiece), model_max_length=max_length)
+
+
+# ------------------------------------------------------------------------------------- dual encoders
+def build_dual_encoder(
+    directory: str | os.PathLike, *, family: str = "clip", size: str = "tiny", seed: int = 0
+) -> pathlib.Path:
+    """Write a random CLIP or SigLIP model + processor to ``directory/<family>`` ("-base" appended for "base")."""
+    _check_choice("family", family, DUAL_ENCODER_FAMILIES)
+    _check_choice("size", size, DUAL_ENCODER_SIZES)
+    target = _new_model_dir(directory, family if size == "tiny" else f"{family}-{size}")
+    shape = _DUAL_ENCODER_SHAPES[size]
+    image_size = shape["vision"]["image_size"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if family == "clip":
+            max_length = shape["text"]["max_position_embeddings"]
+            tokenizer = _clip_tokenizer(max_length)
+            text_config = dict(shape["text"], vocab_size=len(tokenizer), **_special_ids(tokenizer))
+            model = CLIPModel(CLIPConfig(text_config=text_config, vision_config=shape["vision"],
+                                         projection_dim=shape["projection_dim"]))
+            processor = CLIPProcessor(image_processor=_clip_image_processor(image_size), tokenizer=tokenizer)
+        else:
+            # SigLIP has no projection: the text head maps to the vision width so the two embeddings meet.
+            # Its text tower pools the last position, hence fixed-length (padding="max_length") inputs,
+            # 64 tokens long at base size as the released models.
+            text_shape = shape["text"] | {"max_position_embeddings": 64 if size == "base" else 32}
+            tokenizer = _siglip_tokenizer(text_shape["max_position_embeddings"], target)
+            text_config = dict(text_shape, vocab_size=len(tokenizer), projection_size=shape["vision"]["hidden_size"],
+                               **_special_ids(tokenizer))
+            model = SiglipModel(SiglipConfig(text_config=text_config, vision_config=shape["vision"]))
+            image_processor = SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
+            processor = SiglipProcessor(image_processor=image_processor, tokenizer=tokenizer)
+        model.save_pretrained(target)
+        processor.save_pretrained(target)
+    return target
+
+
+def _clip_image_processor(image_size: int) -> CLIPImageProcessorPil:
+    # The PIL backend by name: transformers 5 maps `CLIPImageProcessor` to a torchvision backend and
+    # only falls back to this one, with a warning, where torchvision is missing.
+    return CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                 crop_size={"height": image_size, "width": image_size})
+
+
+def _special_ids(tokenizer) -> dict[str, int | None]:
+    return dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+
+
+# --------------------------------------------------------------------------------------------- LLaVA
+def _build_llava(target: pathlib.Path) -> None:
+    tokenizer = _llama_tokenizer()
+    vision = _TINY["vision"]
+    # Room for a few images (25 tokens each) and a conversation.
+    text_config = LlamaConfig(**(_TINY["text"] | {"max_position_embeddings": 512}), vocab_size=len(tokenizer),
+                              **_special_ids(tokenizer))
+    patches = (vision["image_size"] // vision["patch_size"]) ** 2
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(**vision),
+        text_config=text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=patches,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(do_sample=False, **_special_ids(tokenizer))
+    # As LLaVA-1.5: the vision tower's CLS token is counted (+1), then dropped by the "default" strategy,
+    # so the processor expands each `<image>` to exactly the `patches` features the model inserts.
+    processor = LlavaProcessor(image_processor=_clip_image_processor(vision["image_size"]), tokenizer=tokenizer,
+                               patch_size=vision["patch_size"], vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1, chat_template=_LLAVA_CHAT_TEMPLATE)
+    model.save_pretrained(target)
+    processor.save_pretrained(target)
+
+
+# ---------------------------------------------------------------------------------- Stable Diffusion
+# Two resolution levels with cross-attention in the lower one: 16-px latents, 32-px images (the VAE
+# halves once). The IP-Adapter builder derives its per-layer shapes from this same config.
+_UNET_CONFIG = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    block_out_channels=(32, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=8,
+)
+
+
+def _build_sd(target: pathlib.Path) -> None:
+    tokenizer = _clip_tokenizer(_TINY["text"]["max_position_embeddings"])
+    text_encoder = CLIPTextModel(CLIPTextConfig(**_TINY["text"], vocab_size=len(tokenizer), **_special_ids(tokenizer)))
+    unet = UNet2DConditionModel(**_UNET_CONFIG)
+    vae = AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, sample_size=32)
+    # SD 1.x's noise schedule; DDIM because it runs any number of steps, including the tests' two.
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    # The feature extractor prepares IP-Adapter reference images for the tiny image encoder (30 px).
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=_clip_image_processor(_TINY["vision"]["image_size"]),
+                                   image_encoder=None, requires_safety_checker=False)
+    pipe.save_pretrained(target, safe_serialization=True)
+
+
+def _build_ip_adapter(target: pathlib.Path) -> None:
+    models = target / "models"
+    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**_TINY["vision"],
+                                                                   projection_dim=_TINY["projection_dim"]))
+    image_encoder.save_pretrained(models / "image_encoder")
+
+    cross_attention_dim = _UNET_CONFIG["cross_attention_dim"]
+    # The plain IP-Adapter: one image embedding -> 4 extra cross-attention tokens. diffusers renames
+    # `image_proj.proj` to `image_embeds` on load; we store the original checkpoint's names.
+    projection = ImageProjection(image_embed_dim=_TINY["projection_dim"], cross_attention_dim=cross_attention_dim,
+                                 num_image_text_embeds=4)
+    state = {
+        "image_proj.proj.weight": projection.image_embeds.weight,
+        "image_proj.proj.bias": projection.image_embeds.bias,
+        "image_proj.norm.weight": projection.norm.weight,
+        "image_proj.norm.bias": projection.norm.bias,
+    }
+    # The original code numbered every attention processor in `unet.attn_processors` order, self-
+    # attention (attn1) even and cross-attention (attn2) odd; only the cross-attention ones carry
+    # weights, so the keys run 1, 3, 5, ... (diffusers' `_convert_ip_adapter_attn_to_diffusers`).
+    unet = UNet2DConditionModel(**_UNET_CONFIG)
+    cross_attention_layers = [name for name in unet.attn_processors if name.endswith("attn2.processor")]
+    for index, name in enumerate(cross_attention_layers):
+        hidden_size = unet.get_submodule(name.removesuffix(".processor")).to_k.out_features
+        for projection_name in ("to_k_ip", "to_v_ip"):
+            layer = torch.nn.Linear(cross_attention_dim, hidden_size, bias=False)
+            state[f"ip_adapter.{2 * index + 1}.{projection_name}.weight"] = layer.weight
+    state = {key: tensor.detach().contiguous() for key, tensor in state.items()}
+    safetensors.torch.save_file(state, models / "ip-adapter_sd15.safetensors", metadata={"format": "pt"})
+
+
+# ------------------------------------------------------------------------------------------- public
+_BUILDERS: dict[str, Callable[[pathlib.Path], None]] = {
+    "llava": _build_llava,
+    "sd": _build_sd,
+    "ip-adapter": _build_ip_adapter,
+}
+
+
+def build_tiny_model(name: str, directory: str | os.PathLike, *, seed: int = 0) -> pathlib.Path:
+    """Write the tiny model ``name`` (one of `TINY_MODEL_NAMES`) to ``directory/<name>`` and return that path.
+
+    The same ``seed`` gives byte-identical weight files. ``directory/<name>`` must not exist yet.
+    """
+    _check_choice("name", name, TINY_MODEL_NAMES)
+    if name in DUAL_ENCODER_FAMILIES:
+        return build_dual_encoder(directory, family=name, size="tiny", seed=seed)
+    target = _new_model_dir(directory, name)
+    with torch.random.fork_rng(devices=[]):  # seed the build without disturbing the caller's generator
+        torch.manual_seed(seed)
+        _BUILDERS[name](target)
+    return target
+
+
+def build_tiny_models(
+    directory: str | os.PathLike,
+    names: Iterable[str] | None = None,
+    *,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, pathlib.Path]:
+    """Build several tiny models (all of `TINY_MODEL_NAMES` by default); returns name -> directory."""
+    names = TINY_MODEL_NAMES if names is None else tuple(names)
+    for name in names:
+        _check_choice("names", name, TINY_MODEL_NAMES)
+    built = {}
+    for name in names:
+        if progress is not None:
+            progress(f"building tiny model {name!r} in {directory}")
+        built[name] = build_tiny_model(name, directory, seed=seed)
+    return built
+
+
+def ensure_tiny_model(name: str, cache_dir: str | os.PathLike) -> pathlib.Path:
+    """Return ``cache_dir/<name>``, building it (seed 0) only if no complete build is there.
+
+    Safe when several processes ask at once: one builds under a file lock, into a temporary directory
+    that is renamed into place with its completion marker already written, so a killed build never
+    leaves a directory that passes for a complete one.
+    """
+    _check_choice("name", name, TINY_MODEL_NAMES)
+    cache_dir = pathlib.Path(cache_dir)
+    target = cache_dir / name
+    if (target / COMPLETE_MARKER).is_file():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with filelock.FileLock(cache_dir / f".{name}.lock"):
+        if (target / COMPLETE_MARKER).is_file():  # another process finished it while we waited
+            return target
+        # Holding the lock, any staging directory left here is a killed build's, never a live one.
+        for stale in cache_dir.glob(f".{name}-building-*"):
+            shutil.rmtree(stale)
+        with tempfile.TemporaryDirectory(dir=cache_dir, prefix=f".{name}-building-") as staging:
+            built = build_tiny_model(name, staging)
+            (built / COMPLETE_MARKER).touch()
+            if target.exists():  # a partial build from a killed process (no marker)
+                shutil.rmtree(target)
+            os.replace(built, target)
+    return target
+
+
+def _new_model_dir(directory: str | os.PathLike, name: str) -> pathlib.Path:
+    target = pathlib.Path(directory) / name
+    if target.exists():
+        raise ConfigError(
+            f"`directory` already holds {target}; delete it first, or call ensure_tiny_model() to reuse a build."
+        )
+    target.mkdir(parents=True)
+    return target

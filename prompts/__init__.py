@@ -1,0 +1,1 @@
+"""Prompt templates (files under prompts/templates/) and their loader."""

@@ -1,0 +1,40 @@
+"""Knowledge base, encoders, ingestion and retrieval for mmrag."""
+
+from importlib.metadata import PackageNotFoundError, version as _version
+
+try:
+    __version__ = _version("mmrag")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+unknown"
+
+from .encoders import DualEncoder
+from .errors import (
+    ConfigError,
+    EmbedderMismatchError,
+    InvalidItemError,
+    KnowledgeBaseError,
+    KnowledgeBaseLockedError,
+    MMRAGError,
+    ModelLoadError,
+    NotAKnowledgeBaseError,
+    SchemaVersionError,
+)
+from .knowledge_base import KnowledgeBase
+from .records import IngestReport, Record, Rejection
+
+__all__ = [
+    "ConfigError",
+    "DualEncoder",
+    "EmbedderMismatchError",
+    "IngestReport",
+    "InvalidItemError",
+    "KnowledgeBase",
+    "KnowledgeBaseError",
+    "KnowledgeBaseLockedError",
+    "MMRAGError",
+    "ModelLoadError",
+    "NotAKnowledgeBaseError",
+    "Record",
+    "Rejection",
+    "SchemaVersionError",
+]

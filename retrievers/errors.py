@@ -1,0 +1,47 @@
+"""Typed errors raised by the knowledge base, the encoders and the retrievers.
+
+Every error message names the argument (or file), shows the offending value and says how to fix
+it, so that the CLI can print ``str(error)`` as one line and exit non-zero.
+"""
+
+from __future__ import annotations
+
+
+class MMRAGError(Exception):
+    """Base class of every error mmrag raises on purpose (the CLI prints these as one line)."""
+
+
+class ConfigError(MMRAGError, ValueError):
+    """An argument or configuration value is invalid."""
+
+
+class KnowledgeBaseError(MMRAGError):
+    """The knowledge base cannot be opened, read or written."""
+
+
+class NotAKnowledgeBaseError(KnowledgeBaseError):
+    """A path was given as a knowledge base but holds none."""
+
+
+class EmbedderMismatchError(KnowledgeBaseError):
+    """A knowledge base was opened with another embedder than the one that built it."""
+
+
+class SchemaVersionError(KnowledgeBaseError):
+    """The knowledge base was written by an incompatible version of mmrag."""
+
+
+class KnowledgeBaseLockedError(KnowledgeBaseError):
+    """Another writer holds the knowledge base's write lock."""
+
+
+class ModelLoadError(MMRAGError):
+    """A model could not be found or loaded."""
+
+
+class InvalidItemError(MMRAGError):
+    """One ingestion item is unusable; ``reason`` is the line written to the ingest report."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason

@@ -1,0 +1,524 @@
+"""Ingestion sources: read (image, text) items from a folder, a JSONL or CSV manifest, WebDataset tar
+shards or an iterable of records, lazily and in a deterministic order.
+
+A source only locates and reads items. Checking them is the job of :func:`prepare_text` and
+:func:`~retrievers.images.prepare_image`; what a source already knows to be wrong (a malformed
+manifest line, a path escaping the manifest's folder, an image without text) comes out as a
+:class:`SourceItem` whose ``error`` says why, so that one bad item never stops an ingestion.
+
+Folder layout: every image (by extension) pairs with a sidecar of the same stem, ``x.txt`` (the
+text, UTF-8) and/or ``x.json`` (``{"text", "id", "metadata"}``; any other key goes into the
+metadata too). With both, the text comes from ``x.txt``. Hidden files and folders are skipped.
+
+WebDataset tar layout (as img2dataset writes it): members are grouped by key, the member name up to
+the first dot of its base name (``00001/000010042.jpg`` -> ``00001/000010042``); a key's image,
+``.txt`` (the text) and ``.json`` (metadata; its ``text`` or ``caption`` is the text when there is
+no ``.txt``). The tar is read in one streaming pass, holding one key's members at a time, which
+relies on a key's members being adjacent, as img2dataset and ``tar --sort=name`` write them. A key
+whose members are scattered cannot be regrouped in bounded memory: its stray members come out as an
+error item that says so (the earlier part of the key was already given out on its own).
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import posixpath
+import tarfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from .errors import ConfigError, InvalidItemError
+from .images import DEFAULT_MAX_IMAGE_BYTES
+from .records import Record, SourceItem
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+DEFAULT_MAX_TEXT_CHARS = 8192
+
+_ACCEPTED = (
+    "a folder of images with .txt/.json sidecars, a .jsonl or .csv manifest, a WebDataset .tar shard "
+    "(or a glob / list of them), or an iterable of Record"
+)
+_MANIFEST_KINDS = {".jsonl": "jsonl", ".csv": "csv", ".tar": "tar"}
+_TEXT_KEYS = ("text",)
+# img2dataset's per-sample JSON names the text "caption".
+_TAR_TEXT_KEYS = ("text", "caption")
+
+
+def iter_source(
+    source: Any,
+    *,
+    allow_remote: bool = False,
+    fetch_timeout: float = 10.0,
+    max_remote_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+) -> Iterator[SourceItem]:
+    """Return a lazy iterator over the items of ``source``.
+
+    ``source`` is a folder, a ``.jsonl``/``.csv`` manifest, a WebDataset ``.tar`` shard, a glob
+    string or a list of such paths, or any iterable of :class:`Record` (or :class:`SourceItem`,
+    passed through). Paths are checked now, so an unreadable source raises :class:`ConfigError`
+    before anything is read; item problems come out later as items with ``error`` set.
+
+    Manifest images may be http(s) URLs; they are fetched (``fetch_timeout`` seconds in all,
+    at most ``max_remote_bytes``) only with ``allow_remote=True``.
+    """
+    paths = _source_paths(source)
+    if paths is None:
+        return _iter_records(source)
+    kinds = [(path, _kind(path)) for path in paths]
+    fetch = _Fetcher(allow_remote, fetch_timeout, max_remote_bytes)
+    return _iter_paths(kinds, fetch)
+
+
+def describe_source(source: Any) -> str:
+    """A short label for ``source``, stored in each record's metadata as ``"source"``."""
+    if isinstance(source, (str, os.PathLike)):
+        text = os.fspath(source)
+        return text if _is_glob(text) else str(Path(text).resolve())
+    if _is_path_list(source):
+        first = describe_source(source[0])
+        return first if len(source) == 1 else f"{first} (+{len(source) - 1} more)"
+    return "records"
+
+
+def prepare_text(text: str | bytes | None, *, max_chars: int = DEFAULT_MAX_TEXT_CHARS) -> str:
+    """Decode and check one item's text; return it stripped of surrounding whitespace."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8-sig")  # a leading byte-order mark (Windows editors) is not text
+        except UnicodeDecodeError as e:
+            raise InvalidItemError(
+                f"text is not valid UTF-8 (byte 0x{e.object[e.start]:02x} at position {e.start})"
+            ) from None
+    elif text is not None and not isinstance(text, str):
+        raise InvalidItemError(f"text must be a string, got {type(text).__name__}")
+    text = (text or "").strip()
+    if not text:
+        raise InvalidItemError("empty text")
+    nul = text.find("\0")
+    if nul >= 0:
+        raise InvalidItemError(f"text contains a NUL character (at position {nul})")
+    if len(text) > max_chars:
+        raise InvalidItemError(f"text has {len(text)} characters, over the limit of {max_chars} (raise max_text_chars)")
+    return text
+
+
+# ---------------------------------------------------------------------------------------- dispatch
+def _is_glob(text: str) -> bool:
+    return any(c in text for c in "*?[") and not os.path.exists(text)
+
+
+def _is_path_list(source: Any) -> bool:
+    return (
+        isinstance(source, (list, tuple))
+        and len(source) > 0
+        and all(isinstance(p, (str, os.PathLike)) for p in source)
+    )
+
+
+def _source_paths(source: Any) -> list[Path] | None:
+    """The paths ``source`` names, or None when it is an iterable of records."""
+    if isinstance(source, (str, os.PathLike)):
+        text = os.fspath(source)
+        if not _is_glob(text):
+            return [Path(text)]
+        matches = sorted(glob.glob(text))
+        if not matches:
+            raise ConfigError(f"`source` glob {text!r} matches no files. Pass {_ACCEPTED}.")
+        return [Path(m) for m in matches]
+    if _is_path_list(source):
+        return [Path(p) for p in source]
+    if isinstance(source, (bytes, Mapping, Image.Image)) or not isinstance(source, Iterable):
+        raise ConfigError(f"`source` must be {_ACCEPTED}; got a {type(source).__name__}.")
+    return None
+
+
+def _kind(path: Path) -> str:
+    if not path.exists():
+        raise ConfigError(f"`source` does not exist: {str(path)!r}. Pass {_ACCEPTED}.")
+    if path.is_dir():
+        return "folder"
+    kind = _MANIFEST_KINDS.get(path.suffix.lower())
+    if kind is None:
+        raise ConfigError(
+            f"`source` has an unsupported extension {path.suffix!r}: {str(path)!r}. "
+            f"Pass {_ACCEPTED} (extensions: {', '.join(_MANIFEST_KINDS)})."
+        )
+    if kind == "csv":
+        _check_csv_header(path)
+    return kind
+
+
+def _iter_paths(kinds: list[tuple[Path, str]], fetch: "_Fetcher") -> Iterator[SourceItem]:
+    for path, kind in kinds:
+        label = describe_source(path)
+        if kind == "folder":
+            yield from _iter_folder(path, label)
+        elif kind == "jsonl":
+            yield from _iter_jsonl(path, label, fetch)
+        elif kind == "csv":
+            yield from _iter_csv(path, label, fetch)
+        else:
+            yield from _iter_tar(path, label)
+
+
+def _iter_records(records: Iterable[Any]) -> Iterator[SourceItem]:
+    for i, r in enumerate(records):
+        ref = f"records[{i}]"
+        if isinstance(r, SourceItem):
+            yield r
+        elif isinstance(r, Record):
+            yield SourceItem(ref=ref, source="records", text=r.text, image=r.image, id=r.id, metadata=dict(r.metadata))
+        else:
+            yield SourceItem(ref=ref, source="records", error=f"expected a Record or SourceItem, got {type(r).__name__}")
+
+
+# ------------------------------------------------------------------------------------------ fields
+def _item_fields(obj: dict[str, Any], text_keys: tuple[str, ...], use_text: bool = True):
+    """Split a JSON object into (text, id, metadata): every key that is not text/id/metadata is
+    metadata too, so nothing the user wrote is dropped."""
+    obj = dict(obj)
+    record_id = obj.pop("id", None)
+    if isinstance(record_id, int) and not isinstance(record_id, bool):
+        record_id = str(record_id)
+    if record_id is not None and not isinstance(record_id, str):
+        raise InvalidItemError(f"'id' must be a string, got {type(record_id).__name__}")
+    metadata = obj.pop("metadata", {})
+    if not isinstance(metadata, dict):
+        raise InvalidItemError(f"'metadata' must be a JSON object, got {type(metadata).__name__}")
+    text = None
+    if use_text:
+        key = next((k for k in text_keys if k in obj), None)
+        if key is not None:
+            text = obj.pop(key)
+            if text is not None and not isinstance(text, str):
+                raise InvalidItemError(f"'{key}' must be a string, got {type(text).__name__}")
+    return text, record_id, {**obj, **metadata}
+
+
+def _sidecar_json(data: bytes, name: str, text_keys: tuple[str, ...], use_text: bool):
+    try:
+        obj = json.loads(data)
+    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8/16/32
+        raise InvalidItemError(f"{name} is not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise InvalidItemError(f"{name} must hold a JSON object, got {type(obj).__name__}")
+    return _item_fields(obj, text_keys, use_text)
+
+
+def _grouped_item(ref: str, label: str, image: str | bytes, txt: bytes | None, js: bytes | None,
+                  js_name: str, text_keys: tuple[str, ...]) -> SourceItem:
+    """One item from an image and its .txt / .json companions (folder sidecars, tar members).
+    The .txt is the text when there is one; the .json's text key is then left in the metadata."""
+    text, record_id, metadata = txt, None, {}
+    if js is not None:
+        try:
+            json_text, record_id, metadata = _sidecar_json(js, js_name, text_keys, use_text=txt is None)
+        except InvalidItemError as e:
+            return SourceItem(ref=ref, source=label, error=e.reason)
+        text = txt if txt is not None else json_text
+    return SourceItem(ref=ref, source=label, text=text, image=image, id=record_id, metadata=metadata)
+
+
+# ------------------------------------------------------------------------------------------ folder
+def _iter_folder(root: Path, label: str) -> Iterator[SourceItem]:
+    unreadable: list[OSError] = []
+    visited: set[str] = set()
+    # Linked-in folders are followed (datasets often are); a link back up the tree is visited once.
+    for folder, dirs, files in os.walk(root, onerror=unreadable.append, followlinks=True):
+        yield from _unreadable_items(root, label, unreadable)
+        real = os.path.realpath(folder)
+        if real in visited:
+            dirs[:] = []
+            continue
+        visited.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # sorted in place: os.walk's order
+        yield from _folder_items(root, Path(folder), sorted(f for f in files if not f.startswith(".")), label)
+    yield from _unreadable_items(root, label, unreadable)
+
+
+def _unreadable_items(root: Path, label: str, errors: list[OSError]) -> Iterator[SourceItem]:
+    while errors:
+        e = errors.pop(0)
+        ref = os.path.relpath(e.filename, root) if e.filename else "."
+        yield SourceItem(ref=ref, source=label, error=f"cannot read folder: {e.strerror or e}")
+
+
+def _folder_items(root: Path, folder: Path, names: list[str], label: str) -> Iterator[SourceItem]:
+    groups: dict[str, dict[str, list[str]]] = {}
+    for name in names:
+        stem, ext = os.path.splitext(name)
+        ext = ext.lower()
+        role = "image" if ext in IMAGE_EXTENSIONS else ext if ext in (".txt", ".json") else None
+        if role is not None:
+            groups.setdefault(stem, {"image": [], ".txt": [], ".json": []})[role].append(name)
+    for stem in sorted(groups):
+        group = groups[stem]
+        images, txts, jsons = group["image"], group[".txt"], group[".json"]
+        first = (images or txts or jsons)[0]
+        ref = (folder / first).relative_to(root).as_posix()
+        if len(images) > 1 or len(txts) > 1 or len(jsons) > 1:
+            found = ", ".join(images + txts + jsons)
+            yield SourceItem(ref=ref, source=label, error=f"ambiguous files share the stem {stem!r} ({found}); "
+                                                          "give each image its own name")
+        elif not images:
+            sidecar = (txts or jsons)[0]
+            yield SourceItem(ref=ref, source=label,
+                             error=f"no image for this sidecar (no {stem}.jpg, .png, ... next to {sidecar})")
+        elif not txts and not jsons:
+            yield SourceItem(ref=ref, source=label, error=f"no sidecar text ({stem}.txt or {stem}.json)")
+        else:
+            yield _folder_item(folder, ref, label, images[0], txts, jsons)
+
+
+def _folder_item(folder: Path, ref: str, label: str, image: str, txts: list[str], jsons: list[str]) -> SourceItem:
+    try:
+        # Raw bytes, so that prepare_text is the one place that reports a text that is not UTF-8.
+        txt = (folder / txts[0]).read_bytes() if txts else None
+        js = (folder / jsons[0]).read_bytes() if jsons else None
+    except OSError as e:
+        return SourceItem(ref=ref, source=label, error=f"cannot read sidecar: {e.strerror or e}")
+    return _grouped_item(ref, label, str(folder / image), txt, js, jsons[0] if jsons else None, _TEXT_KEYS)
+
+
+# --------------------------------------------------------------------------------------- manifests
+def _iter_jsonl(path: Path, label: str, fetch: "_Fetcher") -> Iterator[SourceItem]:
+    base = path.parent.resolve()
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            ref = f"{path.name}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield SourceItem(ref=ref, source=label, error=f"line is not valid UTF-8 ({e.reason} at byte {e.start})")
+                continue
+            if number == 1:
+                line = line.removeprefix("\ufeff")  # byte-order mark written by some editors
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield SourceItem(ref=ref, source=label, error=f"line is not valid JSON ({e.msg} at column {e.colno})")
+                continue
+            if not isinstance(obj, dict):
+                yield SourceItem(ref=ref, source=label, error=f"line holds a JSON {type(obj).__name__}, "
+                                                              "expected an object with 'image' and 'text'")
+                continue
+            yield _jsonl_item(obj, ref, label, base, fetch)
+
+
+def _jsonl_item(obj: dict[str, Any], ref: str, label: str, base: Path, fetch: "_Fetcher") -> SourceItem:
+    try:
+        for key in ("image", "text"):
+            if key not in obj:
+                raise InvalidItemError(f"missing the {key!r} field")
+        obj = dict(obj)
+        image = obj.pop("image")
+        text, record_id, metadata = _item_fields(obj, _TEXT_KEYS)
+        image = _manifest_image(image, base, fetch)  # last: nothing is fetched for an item already bad
+    except InvalidItemError as e:
+        return SourceItem(ref=ref, source=label, error=e.reason)
+    return SourceItem(ref=ref, source=label, text=text, image=image, id=record_id, metadata=metadata)
+
+
+def _check_csv_header(path: Path) -> None:
+    try:
+        with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+            header = next(csv.reader(f), [])
+    except (OSError, csv.Error) as e:
+        raise ConfigError(f"`source` CSV {str(path)!r} cannot be read ({e}).") from None
+    if "image" not in header or "text" not in header or len(set(header)) != len(header):
+        raise ConfigError(
+            f"`source` CSV {str(path)!r} needs a header row naming distinct columns, including 'image' and "
+            f"'text' (optional 'id', others become metadata); found {header!r}."
+        )
+
+
+def _iter_csv(path: Path, label: str, fetch: "_Fetcher") -> Iterator[SourceItem]:
+    base = path.parent.resolve()
+    # surrogateescape turns bytes that are not UTF-8 into markers found per row below, instead of
+    # an exception that would end the whole file.
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+        reader = csv.DictReader(f)
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                yield SourceItem(ref=f"{path.name}:{reader.line_num}", source=label, error=f"row is not valid CSV ({e})")
+                continue
+            ref = f"{path.name}:{reader.line_num}"  # the row's (last) line in the file
+            if None in row or None in row.values():
+                yield SourceItem(ref=ref, source=label,
+                                 error=f"row has a different number of fields than the header ({len(reader.fieldnames)})")
+            elif not all(_is_utf8(v) for v in row.values()):
+                yield SourceItem(ref=ref, source=label, error="row is not valid UTF-8")
+            else:
+                yield _csv_item(row, ref, label, base, fetch)
+
+
+def _csv_item(row: dict[str, str], ref: str, label: str, base: Path, fetch: "_Fetcher") -> SourceItem:
+    try:
+        image = _manifest_image(row.pop("image"), base, fetch)
+    except InvalidItemError as e:
+        return SourceItem(ref=ref, source=label, error=e.reason)
+    text = row.pop("text")
+    record_id = row.pop("id", None) or None  # an empty id cell means "no id"
+    return SourceItem(ref=ref, source=label, text=text, image=image, id=record_id, metadata=row)
+
+
+def _is_utf8(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _manifest_image(value: Any, base: Path, fetch: "_Fetcher") -> str | bytes:
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidItemError(f"the 'image' field must be a path or an http(s) URL, got {value!r}")
+    scheme = urllib.parse.urlsplit(value).scheme.lower()
+    if scheme in ("http", "https"):
+        return fetch(value)
+    if len(scheme) > 1:  # one letter is a Windows drive, not a scheme
+        raise InvalidItemError(f"unsupported URL scheme {scheme!r} in 'image' (use a path or an http(s) URL)")
+    # resolve() follows symlinks, so a link inside the folder that points outside counts as outside.
+    resolved = (base / value).resolve()
+    if not resolved.is_relative_to(base):
+        raise InvalidItemError(f"image path {value!r} is outside the manifest's folder {base} (paths must stay inside it)")
+    return str(resolved)
+
+
+class _Fetcher:
+    """Fetches a manifest's http(s) image URLs, or refuses them when remote fetching is off."""
+
+    def __init__(self, allow_remote: bool, timeout: float, max_bytes: int):
+        self.allow_remote = allow_remote
+        self.timeout = timeout
+        self.max_bytes = max_bytes
+        self._opener = urllib.request.build_opener(_HttpOnlyRedirects)
+
+    def __call__(self, url: str) -> bytes:
+        if not self.allow_remote:
+            raise InvalidItemError("remote image URL but remote fetching is off (set allow_remote=True / --allow-remote)")
+        # The socket timeout bounds each read; the deadline bounds the whole download, so a server
+        # trickling bytes cannot hold the ingestion forever.
+        deadline = time.monotonic() + self.timeout
+        chunks, size = [], 0
+        try:
+            with self._opener.open(url, timeout=self.timeout) as response:
+                while chunk := response.read1(1 << 16):  # read1: whatever has arrived, not a full chunk
+                    chunks.append(chunk)
+                    size += len(chunk)
+                    if size > self.max_bytes:
+                        raise InvalidItemError(
+                            f"remote image is over the limit of {self.max_bytes:,} bytes (raise max_remote_bytes): {url}"
+                        )
+                    if time.monotonic() > deadline:
+                        raise InvalidItemError(f"could not fetch {url}: took longer than {self.timeout} s")
+        except urllib.error.HTTPError as e:
+            raise InvalidItemError(f"could not fetch {url}: HTTP {e.code} {e.reason}") from None
+        except urllib.error.URLError as e:
+            raise InvalidItemError(f"could not fetch {url}: {e.reason}") from None
+        except (OSError, ValueError) as e:  # timeouts, resets, malformed responses (http.client)
+            raise InvalidItemError(f"could not fetch {url}: {e}") from None
+        return b"".join(chunks)
+
+
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    # urllib follows redirects to ftp:// too; a manifest URL must stay on http(s).
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if urllib.parse.urlsplit(newurl).scheme.lower() not in ("http", "https"):
+            raise urllib.error.HTTPError(newurl, code, f"redirect to a non-http(s) URL {newurl!r} refused", headers, fp)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+# --------------------------------------------------------------------------------------- WebDataset
+class _TarGroup:
+    """The members of one key read so far."""
+
+    def __init__(self, key: str, scattered: bool):
+        self.key = key
+        self.names: list[str] = []
+        self.data: dict[str, bytes] = {}  # extension ("jpg", "txt", "json", ...) -> bytes
+        self.problems: list[str] = []
+        if scattered:
+            self.problems.append(
+                f"members of key {key!r} are not adjacent in the tar, so they were read apart; "
+                "repack the shard with each key's files together (e.g. tar --sort=name)"
+            )
+
+    def item(self, shard: str, label: str) -> SourceItem:
+        ref = f"{shard}:{self.key}"
+        images = [ext for ext in self.data if f".{ext}" in IMAGE_EXTENSIONS]
+        if not self.problems:
+            if len(images) != 1:
+                self.problems.append(f"{'no image' if not images else 'several images'} for key {self.key!r} "
+                                     f"(members: {', '.join(self.names)})")
+            elif "txt" not in self.data and "json" not in self.data:
+                self.problems.append(f"no text for key {self.key!r} (no .txt or .json member)")
+        if self.problems:
+            return SourceItem(ref=ref, source=label, error="; ".join(self.problems))
+        return _grouped_item(ref, label, self.data[images[0]], self.data.get("txt"), self.data.get("json"),
+                             f"{self.key}.json", _TAR_TEXT_KEYS)
+
+
+def _iter_tar(path: Path, label: str) -> Iterator[SourceItem]:
+    wanted = {ext.lstrip(".") for ext in IMAGE_EXTENSIONS} | {"txt", "json"}
+    group: _TarGroup | None = None
+    done: set[str] = set()  # keys already given out (names only, to notice scattered members)
+    yielded = 0
+    try:
+        # "r|" streams: one pass, nothing but the current member in memory.
+        with tarfile.open(path, mode="r|") as tar:
+            for member in tar:
+                folder, base = posixpath.split(member.name)
+                if member.isdir() or base.startswith("."):
+                    continue
+                stem, _, ext = base.partition(".")
+                key = posixpath.join(folder, stem)
+                if group is None or key != group.key:
+                    if group is not None:
+                        yield group.item(path.name, label)
+                        yielded += 1
+                        done.add(group.key)
+                    group = _TarGroup(key, scattered=key in done)
+                ext = ext.lower()
+                if not member.isfile():
+                    group.names.append(f"{base} (not a regular file)")
+                    continue
+                group.names.append(base)
+                if ext in group.data:
+                    group.problems.append(f"member {base!r} appears twice")
+                elif ext in wanted:
+                    group.data[ext] = tar.extractfile(member).read()
+            end = tar.offset
+        # tarfile ends quietly at a cut or garbled header; a real end of archive is a zero block.
+        if not _zero_block_at(path, end):
+            raise tarfile.ReadError(f"no end-of-archive marker at byte {end}")
+    except (tarfile.TarError, OSError, EOFError) as e:
+        # The key being read may have lost members to the damage, so it is reported, not given out.
+        where = f"after {yielded} items" + (f", while reading key {group.key!r}" if group is not None else "")
+        yield SourceItem(ref=f"{path.name}:{group.key if group is not None else '?'}", source=label,
+                         error=f"tar is truncated or corrupt {where} ({e}); the rest of the shard was not read")
+        return
+    if group is not None:
+        yield group.item(path.name, label)
+
+
+def _zero_block_at(path: Path, offset: int) -> bool:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(tarfile.BLOCKSIZE) == bytes(tarfile.BLOCKSIZE)

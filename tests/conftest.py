@@ -1,0 +1,39 @@
+"""Session-wide fixtures: tiny models built once, offline, through the project's own builder."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach the Hub
+
+from pathlib import Path
+
+import pytest
+
+from pipelines.tiny_models import build_tiny_model
+from retrievers import DualEncoder, KnowledgeBase
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tiny-models")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tiny_models_dir) -> Path:
+    return build_tiny_model("clip", tiny_models_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_siglip(tiny_models_dir) -> Path:
+    return build_tiny_model("siglip", tiny_models_dir)
+
+
+@pytest.fixture(scope="session")
+def clip_encoder(tiny_clip) -> DualEncoder:
+    return DualEncoder(tiny_clip, device="cpu").warm_up()
+
+
+@pytest.fixture
+def kb(tmp_path, clip_encoder) -> KnowledgeBase:
+    return KnowledgeBase.open(tmp_path / "kb", clip_encoder)
