@@ -98,7 +98,7 @@ def prepare_image(
 
 
 def _prepare_encoded(data: bytes, max_pixels: int) -> PreparedImage:
-    im = _open(data, max_pixels)
+    im = _open(data)
     with im:
         # The header gives the size before any pixel is decoded, so a decompression bomb is refused
         # without allocating its pixels.
@@ -111,7 +111,7 @@ def _prepare_encoded(data: bytes, max_pixels: int) -> PreparedImage:
     return _prepared(rgb, notes, _png(rgb, icc), ".png")
 
 
-def _open(data: bytes, max_pixels: int) -> Image.Image:
+def _open(data: bytes) -> Image.Image:
     try:
         return Image.open(io.BytesIO(data), formats=_FORMATS)
     except Image.DecompressionBombError as e:
@@ -135,9 +135,9 @@ def _load(im: Image.Image) -> None:
 
 def _normalise(im: Image.Image) -> tuple[Image.Image, list[str], bytes | None]:
     """Return the 8-bit RGB picture, the notes, and the ICC profile still valid for it (if any)."""
-    notes = []
+    notes: list[str] = []
     if getattr(im, "is_animated", False) and im.format != "MPO":
-        notes.append(NOTE_ANIMATED)  # open() and the seek above leave the image on frame 0
+        notes.append(NOTE_ANIMATED)  # open() decodes frame 0, and PIL inputs were rewound to it
     if im.getexif().get(_EXIF_ORIENTATION_TAG, 1) in range(2, 9):
         im = ImageOps.exif_transpose(im)
         notes.append(NOTE_EXIF)
@@ -157,7 +157,8 @@ def _normalise(im: Image.Image) -> tuple[Image.Image, list[str], bytes | None]:
         rgb = im.convert("RGB")
     else:
         raise InvalidItemError(
-            f"image mode {im.mode!r} cannot be converted to RGB soundly (supported modes: {', '.join(_SUPPORTED_MODES)})"
+            f"image mode {im.mode!r} cannot be converted to RGB soundly "
+            f"(supported modes: {', '.join(_SUPPORTED_MODES)})"
         )
     # An ICC profile describes the colour space of the pixel values: still true after plain RGB
     # conversions, wrong after CMYK or grayscale ones (and it would sneak into the PNG otherwise).

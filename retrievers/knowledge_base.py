@@ -58,6 +58,7 @@ _JOURNAL = "journal.json"
 _JOURNAL_VECTORS = "journal.npz"
 _LOCK = ".write.lock"
 _HOLDER = "writer.json"
+_REVISION = "revision"
 
 
 @dataclass
@@ -403,7 +404,19 @@ class KnowledgeBase:
         self._apply_journal(recovering=False)
 
     # ------------------------------------------------------------------ internals: journal
+    @property
+    def revision(self) -> str:
+        """Changes whenever records are written or deleted; derived indexes (lexical, hubness
+        banks) compare it with the revision they were built at."""
+        try:
+            return (self.path / _REVISION).read_text().strip()
+        except FileNotFoundError:
+            return "0"
+
     def _journal(self, entry: dict, vectors: dict[str, np.ndarray] | None = None) -> None:
+        if entry["op"] != "images":
+            # before the records change, so a crash can only leave derived indexes marked stale
+            _write_json_atomic(self.path / _REVISION, uuid.uuid4().hex)
         if vectors is not None:
             # write through a temporary name: the json journal's presence means "complete"
             tmp = self.path / f".{_JOURNAL_VECTORS}.tmp"

@@ -52,6 +52,8 @@ _MANIFEST_KINDS = {".jsonl": "jsonl", ".csv": "csv", ".tar": "tar"}
 _TEXT_KEYS = ("text",)
 # img2dataset's per-sample JSON names the text "caption".
 _TAR_TEXT_KEYS = ("text", "caption")
+# A tar member is read into memory whole; one bigger than an image may be is refused unread.
+_MAX_MEMBER_BYTES = DEFAULT_MAX_IMAGE_BYTES
 
 
 def iter_source(
@@ -179,7 +181,8 @@ def _iter_records(records: Iterable[Any]) -> Iterator[SourceItem]:
         elif isinstance(r, Record):
             yield SourceItem(ref=ref, source="records", text=r.text, image=r.image, id=r.id, metadata=dict(r.metadata))
         else:
-            yield SourceItem(ref=ref, source="records", error=f"expected a Record or SourceItem, got {type(r).__name__}")
+            yield SourceItem(ref=ref, source="records",
+                             error=f"expected a Record or SourceItem, got {type(r).__name__}")
 
 
 # ------------------------------------------------------------------------------------------ fields
@@ -349,23 +352,26 @@ def _iter_csv(path: Path, label: str, fetch: "_Fetcher") -> Iterator[SourceItem]
     # surrogateescape turns bytes that are not UTF-8 into markers found per row below, instead of
     # an exception that would end the whole file.
     with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
-        reader = csv.DictReader(f)
+        rows = csv.reader(f)
+        header = next(rows)
         while True:
             try:
-                row = next(reader)
+                fields = next(rows)
             except StopIteration:
                 return
-            except csv.Error as e:
-                yield SourceItem(ref=f"{path.name}:{reader.line_num}", source=label, error=f"row is not valid CSV ({e})")
+            except csv.Error as e:  # the parser skips to the next line after an error
+                yield SourceItem(ref=f"{path.name}:{rows.line_num}", source=label, error=f"row is not valid CSV ({e})")
                 continue
-            ref = f"{path.name}:{reader.line_num}"  # the row's (last) line in the file
-            if None in row or None in row.values():
+            ref = f"{path.name}:{rows.line_num}"  # the row's (last) line in the file
+            if not fields:
+                continue  # a blank line
+            if len(fields) != len(header):
                 yield SourceItem(ref=ref, source=label,
-                                 error=f"row has a different number of fields than the header ({len(reader.fieldnames)})")
-            elif not all(_is_utf8(v) for v in row.values()):
+                                 error=f"row has {len(fields)} fields, the header has {len(header)}")
+            elif not all(_is_utf8(v) for v in fields):
                 yield SourceItem(ref=ref, source=label, error="row is not valid UTF-8")
             else:
-                yield _csv_item(row, ref, label, base, fetch)
+                yield _csv_item(dict(zip(header, fields)), ref, label, base, fetch)
 
 
 def _csv_item(row: dict[str, str], ref: str, label: str, base: Path, fetch: "_Fetcher") -> SourceItem:
@@ -397,7 +403,9 @@ def _manifest_image(value: Any, base: Path, fetch: "_Fetcher") -> str | bytes:
     # resolve() follows symlinks, so a link inside the folder that points outside counts as outside.
     resolved = (base / value).resolve()
     if not resolved.is_relative_to(base):
-        raise InvalidItemError(f"image path {value!r} is outside the manifest's folder {base} (paths must stay inside it)")
+        raise InvalidItemError(
+            f"image path {value!r} is outside the manifest's folder {base} (paths must stay inside it)"
+        )
     return str(resolved)
 
 
@@ -412,7 +420,9 @@ class _Fetcher:
 
     def __call__(self, url: str) -> bytes:
         if not self.allow_remote:
-            raise InvalidItemError("remote image URL but remote fetching is off (set allow_remote=True / --allow-remote)")
+            raise InvalidItemError(
+                "remote image URL but remote fetching is off (set allow_remote=True / --allow-remote)"
+            )
         # The socket timeout bounds each read; the deadline bounds the whole download, so a server
         # trickling bytes cannot hold the ingestion forever.
         deadline = time.monotonic() + self.timeout
@@ -423,9 +433,8 @@ class _Fetcher:
                     chunks.append(chunk)
                     size += len(chunk)
                     if size > self.max_bytes:
-                        raise InvalidItemError(
-                            f"remote image is over the limit of {self.max_bytes:,} bytes (raise max_remote_bytes): {url}"
-                        )
+                        raise InvalidItemError(f"remote image is over the limit of {self.max_bytes:,} bytes "
+                                               f"(raise max_remote_bytes): {url}")
                     if time.monotonic() > deadline:
                         raise InvalidItemError(f"could not fetch {url}: took longer than {self.timeout} s")
         except urllib.error.HTTPError as e:
@@ -502,6 +511,9 @@ def _iter_tar(path: Path, label: str) -> Iterator[SourceItem]:
                 group.names.append(base)
                 if ext in group.data:
                     group.problems.append(f"member {base!r} appears twice")
+                elif ext in wanted and member.size > _MAX_MEMBER_BYTES:  # skipped unread, not loaded
+                    group.problems.append(f"member {base!r} is {member.size:,} bytes, over the limit of "
+                                          f"{_MAX_MEMBER_BYTES:,}")
                 elif ext in wanted:
                     group.data[ext] = tar.extractfile(member).read()
             end = tar.offset

@@ -54,7 +54,8 @@ def drawn_image(index: int, *, seed: int = 0, size: tuple[int, int] = (48, 40)) 
         draw.polygon([(x0, y1), ((x0 + x1) // 2, y0), (x1, y1)], fill=fg)
     else:
         draw.rectangle((0, y0, w - 1, y0 + max(2, h // 8)), fill=fg)
-    text = f"a {_HUE_NAMES[int(fg_hue * 8)]} {shape} on a pale {_HUE_NAMES[int(bg_hue * 8)]} background, picture {seed}-{index}"
+    fg_name, bg_name = _HUE_NAMES[int(fg_hue * 8)], _HUE_NAMES[int(bg_hue * 8)]
+    text = f"a {fg_name} {shape} on a pale {bg_name} background, picture {seed}-{index}"
     return im, text
 
 
@@ -212,7 +213,8 @@ def make_bad_manifest(folder) -> dict[str, str]:
     outside = folder.resolve().parent / "outside.jpg"  # named, never written: it must not be read
     os.symlink(outside, folder / "escape_link.jpg")
     lines = [
-        (json.dumps({"image": "ok.jpg", "text": "a good manifest line", "id": "m1", "metadata": {"k": "v"}}), "accept:"),
+        (json.dumps({"image": "ok.jpg", "text": "a good manifest line", "id": "m1", "metadata": {"k": "v"}}),
+         "accept:"),
         ("", None),  # blank lines are skipped but still counted in line numbers
         ('{"image": "ok.jpg", "text": ', "reject:not valid JSON"),
         (json.dumps(["ok.jpg", "a list, not an object"]), "reject:expected an object"),

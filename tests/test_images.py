@@ -265,7 +265,8 @@ def test_exif_orientation_is_applied(orientation):
     assert_stored_as_png(p)
     if orientation == 6:
         assert p.image.size == (24, 40)  # was 40x24
-        assert p.image.getpixel((20, 3))[1] < 60 and p.image.getpixel((3, 3)) == (255, 255, 255)  # block moved top-right
+        # the red block moved from the top-left corner to the top-right one
+        assert p.image.getpixel((20, 3))[1] < 60 and p.image.getpixel((3, 3)) == (255, 255, 255)
 
 
 def test_exif_orientation_1_needs_nothing():

@@ -20,6 +20,7 @@ import pytest
 
 from retrievers.errors import ConfigError, InvalidItemError
 from retrievers.images import DEFAULT_MAX_IMAGE_PIXELS, prepare_image
+from retrievers import sources
 from retrievers.records import Record, SourceItem
 from retrievers.sources import describe_source, iter_source, prepare_text
 from tests.corpus import (
@@ -140,7 +141,8 @@ def test_folder_follows_linked_folders_once(tmp_path):
 def test_folder_json_sidecar_fields_and_txt_precedence(tmp_path):
     (tmp_path / "x.png").write_bytes(b"image bytes are not read by the source")
     (tmp_path / "x.txt").write_bytes(b"text from txt")
-    (tmp_path / "x.json").write_text(json.dumps({"id": 7, "text": "text from json", "metadata": {"a": 1}, "license": "cc0"}))
+    sidecar = {"id": 7, "text": "text from json", "metadata": {"a": 1}, "license": "cc0"}
+    (tmp_path / "x.json").write_text(json.dumps(sidecar))
     (item,) = iter_source(tmp_path)
     assert (item.text, item.id) == (b"text from txt", "7")
     assert item.metadata == {"text": "text from json", "license": "cc0", "a": 1}  # nothing written is dropped
@@ -212,10 +214,11 @@ def test_csv_manifest(tmp_path):
     ]
     path = make_csv_manifest(tmp_path / "m.csv", rows)
     with open(path, "ab") as f:
+        f.write(b"\n")  # blank lines are skipped
         f.write(b"imgs/x.jpg,short row\n")
         f.write(b"imgs/x.jpg,caf\xe9,e,,\n")
     items = list(iter_source(path))
-    assert [i.ref for i in items] == [f"m.csv:{n}" for n in range(2, 8)]
+    assert [i.ref for i in items] == ["m.csv:2", "m.csv:3", "m.csv:4", "m.csv:5", "m.csv:7", "m.csv:8"]
     ok = items[:2]
     assert [i.error for i in ok] == [None, None]
     assert [(Path(i.image), i.text, i.id) for i in ok] == [(good[0][0].resolve(), good[0][1], "a"),
@@ -223,7 +226,7 @@ def test_csv_manifest(tmp_path):
     assert [i.metadata for i in ok] == [{"license": "cc0", "year": "2020"}, {"license": "", "year": "1999"}]
     assert "outside the manifest's folder" in items[2].error
     assert "the 'image' field must be" in items[3].error
-    assert "different number of fields than the header" in items[4].error
+    assert items[4].error == "row has 2 fields, the header has 5"
     assert items[5].error == "row is not valid UTF-8"
 
 
@@ -349,6 +352,21 @@ def test_shard_keys_keep_their_folder_and_bad_keys_are_errors(tmp_path):
     assert "several images" in items[2].error
     assert "no text for key 'part2/002'" in items[3].error
     assert "003.json is not valid JSON" in items[4].error
+
+
+def test_oversized_tar_member_is_refused_unread(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "_MAX_MEMBER_BYTES", 1000)  # instead of writing a 50 MiB member
+    shard = make_webdataset_tar(tmp_path / "s.tar", [("a", {"jpg": b"x" * 1001, "txt": "t"}),
+                                                     ("b", {"jpg": b"x" * 1000, "txt": "t"})])
+    big, fits = iter_source(shard)
+    assert big.error == "member 'a.jpg' is 1,001 bytes, over the limit of 1,000" and big.image is None
+    assert fits.error is None and fits.image == b"x" * 1000
+
+
+def test_repeated_tar_member_is_reported(tmp_path):
+    shard = make_webdataset_tar(tmp_path / "s.tar", [("a", {"jpg": b"first"}), ("a", {"jpg": b"second", "txt": "t"})])
+    (item,) = iter_source(shard)
+    assert item.ref == "s.tar:a" and item.error == "member 'a.jpg' appears twice"
 
 
 def test_scattered_key_members_are_reported(tmp_path):
