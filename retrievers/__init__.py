@@ -20,12 +20,16 @@ from .errors import (
     SchemaVersionError,
 )
 from .knowledge_base import KnowledgeBase
+from .query import Hit, Query
 from .records import IngestReport, Record, Rejection
+from .retriever import CHANNELS, MultimodalRetriever, RetrieverSettings
 
 __all__ = [
+    "CHANNELS",
     "ConfigError",
     "DualEncoder",
     "EmbedderMismatchError",
+    "Hit",
     "IngestReport",
     "InvalidItemError",
     "KnowledgeBase",
@@ -33,8 +37,11 @@ __all__ = [
     "KnowledgeBaseLockedError",
     "MMRAGError",
     "ModelLoadError",
+    "MultimodalRetriever",
     "NotAKnowledgeBaseError",
+    "Query",
     "Record",
     "Rejection",
+    "RetrieverSettings",
     "SchemaVersionError",
 ]

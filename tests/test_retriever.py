@@ -1,0 +1,325 @@
+"""MultimodalRetriever against exact numpy computations over the vectors stored in Chroma."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import chromadb
+import numpy as np
+import pytest
+from chromadb.config import Settings
+from PIL import Image, ImageDraw
+
+from retrievers import ConfigError, DualEncoder, KnowledgeBase, MultimodalRetriever, Query, Record
+
+WORDS = ["red", "blue", "green", "star", "circle", "square", "striped", "dotted", "tiny", "huge", "old", "new"]
+N = 240
+
+
+def _image(rng: np.random.Generator) -> Image.Image:
+    im = Image.new("RGB", (32, 32), tuple(int(c) for c in rng.integers(0, 255, 3)))
+    d = ImageDraw.Draw(im)
+    for _ in range(3):
+        x0, y0 = rng.integers(0, 24, 2)
+        d.rectangle([int(x0), int(y0), int(x0) + 8, int(y0) + 8], fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+    return im
+
+
+@pytest.fixture(scope="module")
+def kb(tmp_path_factory, tiny_clip) -> KnowledgeBase:
+    rng = np.random.default_rng(0)
+    kb = KnowledgeBase.open(tmp_path_factory.mktemp("retr") / "kb", DualEncoder(tiny_clip))
+    records = []
+    for i in range(N):
+        words = " ".join(rng.choice(WORDS, 4))
+        text = f"item {i}: a {words} thing" + (" called Picarones" if i == 17 else "")
+        records.append(Record(id=f"r{i:03d}", text=text, image=_image(rng),
+                              metadata={"group": int(i % 4), "kind": ["dog", "cat", "car"][i % 3]}))
+    assert kb.add(records).added == N
+    return kb
+
+
+@pytest.fixture(scope="module")
+def stored(kb):
+    """ids, image vectors, text vectors, metadatas, documents: straight from Chroma."""
+    names = json.loads((kb.path / "mmrag-kb.json").read_text())["collections"]
+    raw = chromadb.PersistentClient(path=str(kb.path / "chroma"), settings=Settings(anonymized_telemetry=False))
+    im = raw.get_collection(names["images"], embedding_function=None).get(include=["embeddings", "metadatas", "documents"])
+    order = np.argsort(im["ids"])
+    ids = [im["ids"][i] for i in order]
+    tx = raw.get_collection(names["texts"], embedding_function=None).get(ids=ids, include=["embeddings"])
+    tx_by_id = dict(zip(tx["ids"], tx["embeddings"]))
+    return {
+        "ids": np.array(ids),
+        "images": np.asarray(im["embeddings"], dtype=np.float64)[order],
+        "texts": np.asarray([tx_by_id[i] for i in ids], dtype=np.float64),
+        "metas": [im["metadatas"][i] for i in order],
+        "docs": [im["documents"][i] for i in order],
+    }
+
+
+def topk(ids, scores, k):
+    order = sorted(range(len(ids)), key=lambda i: (-scores[i], ids[i]))[:k]
+    return [ids[i] for i in order], [scores[i] for i in order]
+
+
+def unit(v):
+    return v / np.linalg.norm(v)
+
+
+EXACT = dict(near_duplicate_threshold=None, n_candidates=N)  # no post-processing, every record a candidate
+
+
+@pytest.mark.parametrize("channel, modality, gallery", [
+    ("text_to_image", "text", "images"), ("text_to_text", "text", "texts"),
+    ("image_to_image", "image", "images"), ("image_to_text", "image", "texts"),
+])
+def test_each_dense_channel_equals_brute_force(kb, stored, channel, modality, gallery):
+    r = MultimodalRetriever(kb, channels=[channel], **EXACT)
+    query_image = Record(text="", image=str(kb.get("r005")[0].image)).open_image()
+    q = "a striped red star" if modality == "text" else query_image
+    qv = kb.embedder.embed_texts([q])[0] if modality == "text" else kb.embedder.embed_images([q])[0]
+    ref_ids, ref_scores = topk(list(stored["ids"]), list(stored[gallery] @ qv), 10)
+    hits = r.retrieve(q, k=10, fusion="weighted")
+    assert [h.id for h in hits] == ref_ids
+    np.testing.assert_allclose([h.scores[channel] for h in hits], ref_scores, atol=1e-4)
+    assert [h.rank for h in hits] == list(range(1, 11))
+    assert hits[0].record.text == stored["docs"][list(stored["ids"]).index(ref_ids[0])]
+
+
+def test_rrf_equals_formula_over_channel_rankings(kb, stored):
+    q = "a dotted green circle"
+    tv = kb.embedder.embed_texts([q])[0]
+    n = 30
+    rankings = {c: topk(list(stored["ids"]), list(stored[g] @ tv), n)[0]
+                for c, g in (("text_to_image", "images"), ("text_to_text", "texts"))}
+    fused: dict[str, float] = {}
+    for c, ranked in rankings.items():
+        w = 2.0 if c == "text_to_text" else 1.0
+        for rank, rid in enumerate(ranked, start=1):
+            fused[rid] = fused.get(rid, 0.0) + w / (60 + rank)
+    ref_ids, ref_scores = topk(list(fused), list(fused.values()), 10)
+    hits = MultimodalRetriever(kb, channels=["text_to_image", "text_to_text"], near_duplicate_threshold=None,
+                               n_candidates=n, weights={"text_to_text": 2.0}).retrieve(q, k=10)
+    assert [h.id for h in hits] == ref_ids
+    np.testing.assert_allclose([h.score for h in hits], ref_scores, rtol=1e-9)
+
+
+def test_weighted_fusion_equals_minmax_formula(kb, stored):
+    q = "huge old square"
+    tv = kb.embedder.embed_texts([q])[0]
+    fused: dict[str, float] = {}
+    for g in ("images", "texts"):
+        ids, s = topk(list(stored["ids"]), list(stored[g] @ tv), 25)
+        s = np.array(s)
+        for rid, v in zip(ids, (s - s.min()) / (s.max() - s.min())):
+            fused[rid] = fused.get(rid, 0.0) + v
+    ref_ids, ref_scores = topk(list(fused), list(fused.values()), 10)
+    hits = MultimodalRetriever(kb, channels=["text_to_image", "text_to_text"], fusion="weighted",
+                               near_duplicate_threshold=None, n_candidates=25).retrieve(q, k=10)
+    assert [h.id for h in hits] == ref_ids
+    np.testing.assert_allclose([h.score for h in hits], ref_scores, atol=1e-4)
+
+
+def _query_image(kb):
+    return Record(text="", image=kb.get("r010")[0].image).open_image()
+
+
+def test_weimocir_equals_formula(kb, stored):
+    image, text = _query_image(kb), "make it blue"
+    v, t = kb.embedder.embed_images([image])[0], kb.embedder.embed_texts([text])[0]
+    a, b = 0.8, 0.1
+    q = unit((1 - a) * v + a * t)
+    ref = (1 - b) * (stored["images"] @ q) + b * (stored["texts"] @ q)
+    ref_ids, ref_scores = topk(list(stored["ids"]), list(ref), 10)
+    hits = MultimodalRetriever(kb, channels=["composed"], **EXACT).retrieve(Query(text=text, image=image), k=10)
+    assert [h.id for h in hits] == ref_ids
+    np.testing.assert_allclose([h.scores["composed"] for h in hits], ref_scores, atol=1e-4)
+
+
+def test_pdv_equals_formula_with_reference_text(kb, stored):
+    image, text, ref_text = _query_image(kb), "but blue", "a red square"
+    emb = kb.embedder
+    v = emb.embed_images([image])[0]
+    t_ref, t_comp = emb.embed_texts([ref_text, f"{ref_text}, {text}"])
+    d = t_comp - t_ref
+    aI, aT, b = 1.0, 1.0, 0.7
+    q = unit((1 - b) * (v + aI * d) + b * (t_ref + aT * d))
+    ref_ids, ref_scores = topk(list(stored["ids"]), list(stored["images"] @ q), 10)
+    hits = MultimodalRetriever(kb, channels=["composed"], composed_method="pdv", **EXACT).retrieve(
+        Query(text=text, image=image, reference_text=ref_text), k=10)
+    assert [h.id for h in hits] == ref_ids
+    np.testing.assert_allclose([h.scores["composed"] for h in hits], ref_scores, atol=1e-4)
+    # without a description and without a captioner, PDV says what it needs
+    with pytest.raises(ConfigError, match="reference_text"):
+        MultimodalRetriever(kb, channels=["composed"], composed_method="pdv").retrieve(Query(text=text, image=image))
+
+
+def test_cirevl_uses_injected_captioner_and_rewriter(kb, stored):
+    calls = []
+    captioner = lambda im: calls.append(im.size) or "a red square"
+    rewriter = lambda caption, mod: f"{caption} {mod}".replace("red", "blue")
+    r = MultimodalRetriever(kb, channels=["composed"], composed_method="cirevl", captioner=captioner,
+                            rewriter=rewriter, **EXACT)
+    hits = r.retrieve(Query(text="in blue", image=_query_image(kb)), k=5)
+    q = kb.embedder.embed_texts(["a blue square in blue"])[0]
+    assert [h.id for h in hits] == topk(list(stored["ids"]), list(stored["images"] @ q), 5)[0]
+    assert calls == [(32, 32)]
+
+
+def test_lexical_finds_rare_name_equals_bm25_and_follows_deletes(tmp_path, tiny_clip):
+    kb = KnowledgeBase.open(tmp_path / "kb", DualEncoder(tiny_clip))
+    texts = ["the Picarones cathedral at dusk", "a cathedral", "a small dog", "the dog called Picarones", "a cat"]
+    kb.add([Record(id=f"d{i}", text=t, image=Image.new("RGB", (8, 8), (i * 40, 0, 0))) for i, t in enumerate(texts)])
+    r = MultimodalRetriever(kb, channels=["lexical"], near_duplicate_threshold=None)
+    hits = r.retrieve("Picarones cathedral", k=5)
+    # Lucene BM25 (k1=1.5, b=0.75; no (k1+1) factor since Lucene 8), by hand over the tokenised corpus
+    docs = [[w for w in t.lower().split() if w not in ("the", "a", "at")] for t in texts]
+    avgdl = sum(map(len, docs)) / len(docs)
+    ref = []
+    for d in docs:
+        s = 0.0
+        for term in ("picarones", "cathedral"):
+            df = sum(term in x for x in docs)
+            tf = d.count(term)
+            s += math.log(1 + (len(docs) - df + 0.5) / (df + 0.5)) * tf / (tf + 1.5 * (0.25 + 0.75 * len(d) / avgdl))
+        ref.append(s)
+    ref_ids = [f"d{i}" for i in np.argsort(-np.array(ref), kind="stable") if ref[i] > 0]
+    assert [h.id for h in hits] == ref_ids
+    np.testing.assert_allclose([h.scores["lexical"] for h in hits], sorted([x for x in ref if x > 0], reverse=True), rtol=1e-5)
+    # kept in sync: a deleted record disappears, an added one appears, also from a fresh retriever
+    kb.delete("d0")
+    assert "d0" not in [h.id for h in r.retrieve("Picarones cathedral", k=5)]
+    kb.add([Record(id="d9", text="Picarones again", image=Image.new("RGB", (8, 8), (0, 9, 9)))])
+    assert "d9" in [h.id for h in MultimodalRetriever(kb, channels=["lexical"]).retrieve("Picarones", k=5)]
+    assert (kb.path / "lexical" / "meta.json").exists()  # persisted beside the KB
+
+
+def test_where_filters_match_numpy_on_the_subset(kb, stored):
+    q = "a tiny new star"
+    tv = kb.embedder.embed_texts([q])[0]
+    where = {"$and": [{"group": {"$in": [1, 3]}}, {"kind": "cat"}]}
+    mask = [m["group"] in (1, 3) and m["kind"] == "cat" for m in stored["metas"]]
+    ids = [i for i, ok in zip(stored["ids"], mask) if ok]
+    ref_ids, _ = topk(ids, list(stored["images"][mask] @ tv), 8)
+    hits = MultimodalRetriever(kb, channels=["text_to_image"], **EXACT).retrieve(q, k=8, where=where)
+    assert [h.id for h in hits] == ref_ids
+    lex = MultimodalRetriever(kb, channels=["lexical"]).retrieve("star", k=50, where=where)
+    assert lex and all(h.record.metadata["kind"] == "cat" and h.record.metadata["group"] in (1, 3) for h in lex)
+    with pytest.raises(ConfigError, match=r"`where`.*\$regexx"):
+        MultimodalRetriever(kb).retrieve(q, where={"kind": {"$regexx": "c"}})
+
+
+def test_near_duplicates_collapse_to_the_better_copy(tmp_path, tiny_clip):
+    kb = KnowledgeBase.open(tmp_path / "kb", DualEncoder(tiny_clip))
+    rng = np.random.default_rng(3)
+    same = _image(rng)
+    kb.add([Record(id="a", text="first copy", image=same), Record(id="b", text="second copy", image=same),
+            Record(id="c", text="different", image=_image(rng))])
+    r = MultimodalRetriever(kb, channels=["text_to_text"])
+    full = [h.id for h in r.retrieve("first copy", k=3, near_duplicate_threshold=None)]
+    collapsed = [h.id for h in r.retrieve("first copy", k=3)]
+    # a and b share an image (cosine 1): the one ranked higher stays, the other goes
+    better = min(("a", "b"), key=full.index)
+    assert collapsed == [x for x in full if x in (better, "c")]
+
+
+def test_mmr_equals_greedy_formula(kb, stored):
+    q = "red star"
+    tv = kb.embedder.embed_texts([q])[0]
+    ids, rel = topk(list(stored["ids"]), list(stored["images"] @ tv), 20)
+    vecs = stored["images"][[list(stored["ids"]).index(i) for i in ids]]
+    rel = (np.array(rel) - min(rel)) / (max(rel) - min(rel))
+    chosen: list[int] = []
+    for _ in range(5):
+        best = max((i for i in range(20) if i not in chosen),
+                   key=lambda i: 0.5 * rel[i] - 0.5 * (max(vecs[i] @ vecs[j] for j in chosen) if chosen else 0.0))
+        chosen.append(best)
+    hits = MultimodalRetriever(kb, channels=["text_to_image"], fusion="weighted", near_duplicate_threshold=None,
+                               n_candidates=20, mmr_lambda=0.5).retrieve(q, k=5)
+    assert [h.id for h in hits] == [ids[i] for i in chosen]
+
+
+@pytest.mark.parametrize("method", ["qbnorm", "dbnorm"])
+def test_hubness_normalisation_equals_formula(kb, stored, method):
+    r = MultimodalRetriever(kb, channels=["text_to_image"], hubness=method, hubness_bank_size=64, **EXACT)
+    banks = r.refresh_hubness_banks()
+    assert (kb.path / "hubness-banks.npz").exists() and len(banks.ids["text"]) == 64
+    q = "dotted blue circle"
+    tv = kb.embedder.embed_texts([q])[0]
+    beta = 20.0
+    s = stored["images"] @ tv
+    scores = []
+    for i, rid in enumerate(stored["ids"]):
+        g = stored["images"][i]
+        qb = [beta * (b @ g) for b, bid in zip(banks.vectors["text"], banks.ids["text"]) if bid != rid]
+        val = beta * s[i] - np.logaddexp.reduce(qb)
+        if method == "dbnorm":
+            gb = [beta * (h @ g) for h, hid in zip(banks.vectors["image"], banks.ids["image"]) if hid != rid]
+            val += beta * s[i] - np.logaddexp.reduce(gb)
+        scores.append(val)
+    ref_ids, ref_scores = topk(list(stored["ids"]), scores, 10)
+    hits = r.retrieve(q, k=10, fusion="weighted")
+    assert [h.id for h in hits] == ref_ids
+    np.testing.assert_allclose([h.scores["text_to_image"] for h in hits], ref_scores, rtol=1e-4)
+    # reloaded from disk by a new retriever: same banks
+    assert [h.id for h in MultimodalRetriever(kb, channels=["text_to_image"], hubness=method, **EXACT).retrieve(q, k=10, fusion="weighted")] == ref_ids
+
+
+def test_default_channels_follow_the_query(kb):
+    r = MultimodalRetriever(kb)
+    assert set(r.retrieve("red star", k=3)[0].scores) <= {"text_to_image", "text_to_text", "lexical"}
+    both = r.retrieve(Query(text="red", image=_query_image(kb)), k=50)
+    assert {"composed", "image_to_image", "text_to_image"} <= set().union(*(h.scores for h in both))
+    img_path = kb.get("r001")[0].image
+    assert set().union(*(h.scores for h in r.retrieve(img_path, k=5))) <= {"image_to_image", "image_to_text"}
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(query=""), "empty"),
+    (dict(query="   "), "empty"),
+    (dict(query="a", k=0), "`k`"),
+    (dict(query="a", k=2.5), "`k`"),
+    (dict(query="a", channels=["telepathy"]), "telepathy"),
+    (dict(query="a", channels=["image_to_image"]), "needs an image"),
+    (dict(query=Query(image="/no/such/file.png")), "does not exist"),
+    (dict(query=12), "must be a str"),
+    (dict(query="a", fusion="max"), "fusion"),
+    (dict(query="a", mmr_lambda=2), "mmr_lambda"),
+    (dict(query="a", bogus=1), "Unknown retriever option"),
+])
+def test_bad_queries_get_typed_errors(kb, kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        MultimodalRetriever(kb).retrieve(**kwargs)
+
+
+def test_unreadable_image_and_reranker_contract(kb, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(ConfigError, match="not a readable image"):
+        MultimodalRetriever(kb).retrieve(Query(image=bad))
+    with pytest.raises(ConfigError, match="rank"):
+        MultimodalRetriever(kb, reranker=object())
+
+
+def test_hnsw_recall_at_10_on_20k_records(tmp_path, tiny_clip):
+    """20k records written straight into the KB's collections (synthetic unit vectors), queried
+    through retrieve(): HNSW top-10 vs exact numpy top-10."""
+    enc = DualEncoder(tiny_clip)
+    kb = KnowledgeBase.open(tmp_path / "kb", enc)
+    rng = np.random.default_rng(1)
+    n, d = 20_000, enc.dim
+    vecs = rng.normal(size=(n, d)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    ids = [f"s{i:05d}" for i in range(n)]
+    metas = [{"mmrag_image": "00/none.png", "mmrag_sha256": "0" * 64, "mmrag_source": "synthetic"}] * n
+    kb.vectors.write(ids, vecs, vecs, metas, [f"synthetic {i}" for i in range(n)], upsert=False)
+    r = MultimodalRetriever(kb, channels=["text_to_image"], near_duplicate_threshold=None)
+    queries = [f"query number {i} {w}" for i, w in enumerate(rng.choice(WORDS, 50))]
+    qv = enc.embed_texts(queries)
+    recalls = []
+    for q, v in zip(queries, qv):
+        exact = set(np.array(ids)[np.argsort(-(vecs @ v))[:10]])
+        recalls.append(len(exact & {h.id for h in r.retrieve(q, k=10)}) / 10)
+    assert np.mean(recalls) >= 0.99, np.mean(recalls)
