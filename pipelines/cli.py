@@ -49,6 +49,31 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config(p)
         p.add_argument("--json", action="store_true", help="print JSON")
 
+    p = sub.add_parser("search", help="retrieve records for a text, an image, or both")
+    p.add_argument("text", nargs="?", help="query text (with --image: the modifier of a composed query)")
+    p.add_argument("--image", metavar="PATH", help="query image")
+    p.add_argument("--reference-text", metavar="TEXT", help="description of --image (for composed_method pdv)")
+    _add_kb(p)
+    _add_config(p)
+    p.add_argument("-k", type=int, default=10, help="number of hits (default 10)")
+    p.add_argument("--where", metavar="JSON", help='metadata filter, e.g. \'{"kind": "dog"}\'')
+    p.add_argument("--channels", nargs="+", metavar="NAME", help="restrict to these channels")
+    p.add_argument("--fusion", choices=["rrf", "weighted"])
+    p.add_argument("--composed", choices=["weimocir", "pdv", "cirevl"], help="composed-query method")
+    p.add_argument("--hubness", choices=["qbnorm", "dbnorm"])
+    p.add_argument("--rerank", choices=["dual_encoder", "cross_encoder"], help="rerank with this reranker")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--html", metavar="FILE", help="also write an HTML gallery")
+
+    ev = sub.add_parser("eval", help="evaluate retrieval").add_subparsers(dest="eval_command", required=True, metavar="WHAT")
+    p = ev.add_parser("retrieval", help="Recall@1/5/10, MRR, nDCG@10, mAP@50 per category and channel")
+    _add_kb(p)
+    _add_config(p)
+    p.add_argument("--queries", required=True, metavar="FILE.jsonl", help="text/image, relevant ids, category")
+    p.add_argument("--where", metavar="JSON")
+    p.add_argument("--no-ablation", action="store_true", help="skip the per-channel runs")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
     p = sub.add_parser("tiny-models", help="build the tiny offline models into DIR")
     p.add_argument("directory", metavar="DIR")
     p.add_argument("--only", nargs="+", metavar="NAME", help="build only these")
@@ -143,6 +168,66 @@ def _cmd_kb(args) -> int:
     return 0 if not any(problems.values()) else EXIT_ERROR
 
 
+def _parse_where(text: str | None):
+    if text is None:
+        return None
+    from retrievers import ConfigError
+
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise ConfigError(f"`--where` must be JSON, e.g. '{{\"kind\": \"dog\"}}', got {text!r} ({e}).") from None
+
+
+def _cmd_search(args) -> int:
+    from retrievers import ConfigError, Query
+
+    from .components import build_reranker, build_retriever, open_knowledge_base, uses_tiny_models
+    from .report import render_search, write_report
+
+    if args.text is None and args.image is None:
+        raise ConfigError("Give a query: TEXT, --image PATH, or both.")
+    query = Query.coerce(Query(text=args.text, image=args.image, reference_text=args.reference_text))
+    where = _parse_where(args.where)
+    cfg = _config(args, **{"kb.path": args.kb, "kb.url": args.url, "retriever.fusion": args.fusion,
+                           "retriever.channels": args.channels, "retriever.composed_method": args.composed,
+                           "retriever.hubness": args.hubness, "reranker.name": args.rerank})
+    kb = open_knowledge_base(cfg, create=False)
+    retriever = build_retriever(cfg, kb, reranker=build_reranker(cfg))
+    hits = retriever.retrieve(query, k=args.k, where=where)
+    if args.html:
+        note = TINY_NOTE if uses_tiny_models(cfg, kb) else None
+        path = write_report(args.html, "mmrag search", [render_search("query", query, hits)], note=note)
+        print(f"wrote {path}", file=sys.stderr)
+    if args.json:
+        print(json.dumps([{"rank": h.rank, "id": h.id, "score": h.score, "scores": h.scores, "text": h.record.text,
+                           "image": h.record.image, "metadata": h.record.metadata} for h in hits]))
+        return 0
+    if not hits:
+        print("no hits")
+    for h in hits:
+        text = h.record.text if len(h.record.text) <= 60 else h.record.text[:57] + "..."
+        print(f"{h.rank:>3}  {h.score:8.4f}  {h.id:<34}  {text:<60}  {h.record.image}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from .components import build_reranker, build_retriever, open_knowledge_base
+    from .evaluation import evaluate_retrieval, load_queries
+
+    queries = load_queries(args.queries)
+    cfg = _config(args, **{"kb.path": args.kb, "kb.url": args.url})
+    kb = open_knowledge_base(cfg, create=False)
+    retriever = build_retriever(cfg, kb, reranker=build_reranker(cfg))
+    report = evaluate_retrieval(retriever, queries, where=_parse_where(args.where), ablate_channels=not args.no_ablation)
+    print(json.dumps(report.to_dict()) if args.json else report.table())
+    return 0
+
+
+TINY_NOTE = ("These results come from mmrag's tiny, randomly initialised offline models: they show the plumbing "
+             "(retrieval, fusion, scores), not quality.")
+
+
 def _cmd_tiny_models(args) -> int:
     from .tiny_models import build_tiny_models
 
@@ -181,7 +266,7 @@ def _cmd_env(args) -> int:
     return 0
 
 
-_COMMANDS = {"ingest": _cmd_ingest, "kb": _cmd_kb, "tiny-models": _cmd_tiny_models, "demo": _cmd_demo, "env": _cmd_env}
+_COMMANDS = {"ingest": _cmd_ingest, "kb": _cmd_kb, "search": _cmd_search, "eval": _cmd_eval, "tiny-models": _cmd_tiny_models, "demo": _cmd_demo, "env": _cmd_env}
 
 if __name__ == "__main__":
     sys.exit(main())

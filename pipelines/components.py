@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from retrievers import DualEncoder, KnowledgeBase
 from retrievers.knowledge_base import MANIFEST_NAME
@@ -46,3 +47,43 @@ def _rebuild_missing_tiny_model(path: Path, config: Config) -> None:
     cache = Path(config.tiny_models.cache_dir).expanduser().resolve()
     if model_path.is_absolute() and not model_path.exists() and model_path.parent == cache:
         config.resolve_model(TINY_PREFIX + model_path.name)
+
+
+def build_reranker(config: Config, *, vlm: Any = None):
+    """The configured reranker, or ``None`` when ``reranker.name`` is null.
+
+    ``vlm`` (an object with ``.model`` and ``.processor``) is required for the ``vlm`` reranker;
+    pipelines pass their own answering VLM.
+    """
+    from retrievers.rerank import (DEFAULT_CROSS_ENCODER_RERANKER, DEFAULT_DUAL_ENCODER_RERANKER,
+                                   reranker_from_config)
+
+    r = config.reranker
+    if r.name is None:
+        return None
+    if r.name == "vlm":
+        return reranker_from_config("vlm", vlm=vlm, batch_size=r.batch_size)
+    default = DEFAULT_DUAL_ENCODER_RERANKER if r.name == "dual_encoder" else DEFAULT_CROSS_ENCODER_RERANKER
+    model = config.resolve_model(r.model if r.model is not None else default)
+    key = "encoder" if r.name == "dual_encoder" else "model_id"
+    return reranker_from_config(r.name, **{key: model}, batch_size=r.batch_size, device=r.device)
+
+
+def build_retriever(config: Config, kb: KnowledgeBase, *, reranker: Any = None, captioner=None, rewriter=None):
+    """A :class:`MultimodalRetriever` over ``kb`` with the config's retriever settings."""
+    from retrievers import MultimodalRetriever
+
+    settings = config.retriever.model_dump()
+    settings["channels"] = tuple(settings["channels"]) if settings["channels"] is not None else None
+    return MultimodalRetriever(kb, reranker=reranker, captioner=captioner, rewriter=rewriter, **settings)
+
+
+def uses_tiny_models(config: Config, kb: KnowledgeBase | None = None) -> bool:
+    """Whether the embedder is one of the tiny random models (their outputs are noise)."""
+    if config.embedder.model.startswith(TINY_PREFIX):
+        return True
+    if kb is None:
+        return False
+    cache = Path(config.tiny_models.cache_dir).expanduser().resolve()
+    model = Path(kb.manifest["embedder"]["model_id"])
+    return model.is_absolute() and (model.parent == cache or (model / ".complete").exists())

@@ -52,6 +52,39 @@ class IngestConfig(_Section):
     report: str | None = None  # JSONL report path; None: <kb>/reports/ingest-<time>.jsonl
 
 
+class RetrieverConfig(_Section):
+    """Defaults for every query; any key can be overridden per call (see RetrieverSettings)."""
+
+    channels: list[str] | None = None  # None: every channel the query's contents allow
+    fusion: Literal["rrf", "weighted"] = "rrf"
+    rrf_k: int = Field(60, gt=0)
+    weights: dict[str, float] = Field(default_factory=dict)
+    n_candidates: int = Field(50, gt=0)
+    composed_method: Literal["weimocir", "pdv", "cirevl"] = "weimocir"
+    weimocir_alpha: float = Field(0.8, ge=0, le=1)
+    weimocir_beta: float = Field(0.1, ge=0, le=1)
+    pdv_alpha_image: float = 1.0
+    pdv_alpha_text: float = 1.0
+    pdv_beta: float = Field(0.7, ge=0, le=1)
+    pdv_compose: str = "{reference}, {modifier}"
+    near_duplicate_threshold: float | None = Field(0.95, ge=-1, le=1)
+    mmr_lambda: float | None = Field(None, ge=0, le=1)
+    hubness: Literal["qbnorm", "dbnorm"] | None = None
+    hubness_beta: float = 20.0
+    hubness_gallery_beta: float = 20.0
+    hubness_bank_size: int = Field(2048, gt=0)
+    rerank_candidates: int = Field(30, gt=0)
+
+
+class RerankerConfig(_Section):
+    """The rerank stage; ``name: null`` turns it off."""
+
+    name: Literal["dual_encoder", "cross_encoder", "vlm"] | None = None
+    model: str | None = None  # None: the reranker's default model
+    batch_size: int = Field(16, gt=0)
+    device: str | None = None
+
+
 class TinyModelsConfig(_Section):
     cache_dir: str = "~/.cache/mmrag/tiny-models"
 
@@ -63,6 +96,8 @@ class Config(_Section):
     embedder: EmbedderConfig = Field(default_factory=EmbedderConfig)
     kb: KnowledgeBaseConfig = Field(default_factory=KnowledgeBaseConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
+    retriever: RetrieverConfig = Field(default_factory=RetrieverConfig)
+    reranker: RerankerConfig = Field(default_factory=RerankerConfig)
     tiny_models: TinyModelsConfig = Field(default_factory=TinyModelsConfig)
 
     def resolve_model(self, name: str) -> str:

@@ -71,3 +71,40 @@ def test_console_script_and_env():
     assert res.returncode == 0 and "transformers" in res.stdout and "chromadb" in res.stdout
     res = subprocess.run([str(exe), "kb", "info", "--kb", "/nonexistent/kb"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+
+
+def test_search_table_json_html_and_eval(tmp_path, tiny_config, capsys):
+    from PIL import Image
+
+    from retrievers import KnowledgeBase, Record
+
+    kb_path = tmp_path / "kb"
+    code, _, _ = _run(capsys, "ingest", tmp_path / "none.jsonl", "--kb", kb_path, "--config", tiny_config)
+    assert code == 2  # a missing source fails before anything is created
+    from pipelines.components import open_knowledge_base
+    from pipelines.config import load_config
+
+    kb = open_knowledge_base(load_config(tiny_config, {"kb.path": str(kb_path)}))
+    kb.add([Record(id="x1", text="the Picarones <script>alert(1)</script>", image=Image.new("RGB", (20, 20), (200, 0, 0)),
+                   metadata={"kind": "church"}),
+            Record(id="x2", text="a plain dog", image=Image.new("RGB", (20, 20), (0, 0, 200)), metadata={"kind": "dog"})])
+    del kb
+    code, out, _ = _run(capsys, "search", "Picarones", "--kb", kb_path, "--channels", "lexical", "--json",
+                        "--html", tmp_path / "r.html")
+    hits = json.loads(out)
+    assert code == 0 and [h["id"] for h in hits] == ["x1"] and hits[0]["scores"]["lexical"] > 0
+    page = (tmp_path / "r.html").read_text()
+    assert "<script>alert(1)</script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert page.count("data:image/jpeg;base64,") == 1 and "tiny" in page
+
+    code, out, _ = _run(capsys, "search", "anything", "--kb", kb_path, "--where", '{"kind": "dog"}', "-k", "5")
+    assert code == 0 and len(out.strip().splitlines()) == 1 and "x2" in out
+    code, _, err = _run(capsys, "search", "anything", "--kb", kb_path, "--where", "{kind: dog}")
+    assert code == 2 and "`--where` must be JSON" in err
+
+    queries = tmp_path / "q.jsonl"
+    queries.write_text(json.dumps({"text": "Picarones", "relevant": ["x1"], "category": "rare"}) + "\n")
+    code, out, _ = _run(capsys, "eval", "retrieval", "--kb", kb_path, "--queries", queries, "--json")
+    report = json.loads(out)
+    assert code == 0 and report["n_queries"] == 1 and report["per_channel"]["lexical"]["recall@1"] == 1.0
+    assert set(report["per_channel"]) == {"text_to_image", "text_to_text", "lexical"}

@@ -1,0 +1,152 @@
+"""Retrieval evaluation: Recall@k, MRR, nDCG@10 and mAP@50, per category and per channel.
+
+Queries file (JSONL), one object per line::
+
+    {"text": "...", "image": "relative/or/absolute.jpg", "relevant": ["id1", "id2"], "category": "dogs"}
+
+``text`` and/or ``image`` form the query (an image path is relative to the file's folder);
+``relevant`` lists the ids that count as correct; ``category`` is optional.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from retrievers import CHANNELS, ConfigError, Query
+
+K_VALUES = (1, 5, 10)
+DEPTH = 50  # hits fetched per query: enough for mAP@50
+
+
+@dataclass
+class EvalQuery:
+    query: Query
+    relevant: set[str]
+    category: str = "all"
+    line: int = 0
+
+
+# ---------------------------------------------------------------------------- metrics
+def recall_at(ranked: Sequence[str], relevant: set[str], k: int) -> float:
+    """Share of the relevant ids found in the top ``k``."""
+    return len(set(ranked[:k]) & relevant) / len(relevant)
+
+
+def reciprocal_rank(ranked: Sequence[str], relevant: set[str]) -> float:
+    return next((1.0 / r for r, i in enumerate(ranked, start=1) if i in relevant), 0.0)
+
+
+def ndcg_at(ranked: Sequence[str], relevant: set[str], k: int = 10) -> float:
+    """Binary-relevance nDCG: ``sum rel_i / log2(i+1)`` over the ideal ordering's value."""
+    dcg = sum(1.0 / math.log2(r + 1) for r, i in enumerate(ranked[:k], start=1) if i in relevant)
+    ideal = sum(1.0 / math.log2(r + 1) for r in range(1, min(len(relevant), k) + 1))
+    return dcg / ideal
+
+
+def average_precision_at(ranked: Sequence[str], relevant: set[str], k: int = 50) -> float:
+    """``(1 / min(|rel|, k)) * sum_{i<=k, rel_i} precision@i``."""
+    hits, total = 0, 0.0
+    for r, i in enumerate(ranked[:k], start=1):
+        if i in relevant:
+            hits += 1
+            total += hits / r
+    return total / min(len(relevant), k)
+
+
+def score_ranking(ranked: Sequence[str], relevant: set[str]) -> dict[str, float]:
+    out = {f"recall@{k}": recall_at(ranked, relevant, k) for k in K_VALUES}
+    out["mrr"] = reciprocal_rank(ranked, relevant)
+    out["ndcg@10"] = ndcg_at(ranked, relevant, 10)
+    out["map@50"] = average_precision_at(ranked, relevant, 50)
+    return out
+
+
+def mean_metrics(rows: Iterable[dict[str, float]]) -> dict[str, float]:
+    rows = list(rows)
+    return {m: sum(r[m] for r in rows) / len(rows) for m in rows[0]} if rows else {}
+
+
+# ---------------------------------------------------------------------------- evaluation
+def load_queries(path: str | Path) -> list[EvalQuery]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"`--queries` {str(path)!r} does not exist; pass a JSONL file of queries.")
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            raise ConfigError(f"{path}:{n} is not valid JSON ({e}).") from None
+        relevant = obj.get("relevant") if isinstance(obj, dict) else None
+        if not isinstance(relevant, list) or not relevant or not all(isinstance(r, str) for r in relevant):
+            raise ConfigError(f"{path}:{n}: `relevant` must be a non-empty list of record ids, got {relevant!r}.")
+        image = obj.get("image")
+        if image is not None:
+            image = Path(image) if Path(image).is_absolute() else path.parent / image
+        try:
+            query = Query.coerce(Query(text=obj.get("text"), image=image))
+        except ConfigError as e:
+            raise ConfigError(f"{path}:{n}: {e}") from None
+        out.append(EvalQuery(query, set(relevant), str(obj.get("category", "all")), n))
+    if not out:
+        raise ConfigError(f"{path} holds no queries.")
+    return out
+
+
+@dataclass
+class RetrievalReport:
+    overall: dict[str, float]
+    per_category: dict[str, dict[str, float]]
+    per_channel: dict[str, dict[str, float]]  # each channel alone, on the queries it can serve
+    n_queries: int
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n_queries": self.n_queries, "overall": self.overall, "per_category": self.per_category,
+                "per_channel": self.per_channel}
+
+    def table(self) -> str:
+        metrics = list(self.overall)
+        lines = ["| setting | n | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 2) + "|"]
+
+        def row(name: str, values: dict[str, float], n: Any) -> str:
+            return f"| {name} | {n} | " + " | ".join(f"{values[m]:.3f}" for m in metrics) + " |"
+
+        lines.append(row("all channels (fused)", self.overall, self.n_queries))
+        for cat, values in sorted(self.per_category.items()):
+            lines.append(row(f"category: {cat}", values, values.get("n", "")))
+        for ch, values in self.per_channel.items():
+            lines.append(row(f"channel: {ch}", values, values.get("n", "")))
+        return "\n".join(lines)
+
+
+def evaluate_retrieval(retriever, queries: Sequence[EvalQuery], *, where: dict | None = None,
+                       ablate_channels: bool = True, progress=None) -> RetrievalReport:
+    """Run every query through ``retriever`` and score the rankings."""
+    rows, per_cat = [], {}
+    for i, q in enumerate(queries):
+        ranked = [h.id for h in retriever.retrieve(q.query, k=DEPTH, where=where)]
+        scores = score_ranking(ranked, q.relevant)
+        rows.append({"line": q.line, "category": q.category, **scores})
+        per_cat.setdefault(q.category, []).append(scores)
+        if progress is not None:
+            progress(i + 1)
+    per_channel: dict[str, dict[str, float]] = {}
+    if ablate_channels:
+        for ch, (needs_text, needs_image) in CHANNELS.items():
+            usable = [q for q in queries if (q.query.has_text or not needs_text) and (q.query.has_image or not needs_image)]
+            if not usable:
+                continue
+            ch_rows = [score_ranking([h.id for h in retriever.retrieve(q.query, k=DEPTH, where=where, channels=[ch])],
+                                     q.relevant) for q in usable]
+            per_channel[ch] = {**mean_metrics(ch_rows), "n": len(usable)}
+    per_category = {c: {**mean_metrics(v), "n": len(v)} for c, v in per_cat.items()}
+    return RetrievalReport(mean_metrics(r for r in ({k: v for k, v in row.items() if k not in ("line", "category")}
+                                                     for row in rows)),
+                           per_category, per_channel, len(queries), rows)

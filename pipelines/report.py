@@ -1,0 +1,85 @@
+"""Self-contained HTML reports (thumbnails inlined as data URIs; every text escaped).
+
+Open the file in any browser, no server needed. Record texts are user data and may contain
+markup such as ``<script>``: they are always shown as text.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from PIL import Image
+
+from retrievers import Hit, Query
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:2rem;color:#222;max-width:1200px}
+h1{font-size:1.4rem}h2{font-size:1.1rem;margin-top:2rem}
+.note{background:#fff4d6;border:1px solid #e0c060;padding:.6rem 1rem;border-radius:6px}
+.query{display:flex;gap:1rem;align-items:center;margin:.5rem 0}
+.hits{display:grid;grid-template-columns:repeat(auto-fill,minmax(180px,1fr));gap:1rem}
+.hit{border:1px solid #ddd;border-radius:6px;padding:.5rem;font-size:.85rem}
+.hit img,.query img{width:160px;height:160px;object-fit:contain;background:#f4f4f4;display:block}
+.scores{color:#555;font-family:monospace;font-size:.75rem;white-space:pre-wrap}
+"""
+
+
+def image_data_uri(image: Image.Image | str | os.PathLike, size: int = 160) -> str:
+    """A JPEG thumbnail (longest side ``size``) as a ``data:`` URI."""
+    if not isinstance(image, Image.Image):
+        with Image.open(image) as im:
+            image = im.convert("RGB")
+    thumb = image.convert("RGB")
+    thumb.thumbnail((size, size))
+    buf = io.BytesIO()
+    thumb.save(buf, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _esc(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def render_query(query: Query) -> str:
+    parts = []
+    if query.image is not None:
+        parts.append(f'<img alt="query image" src="{image_data_uri(query.image)}">')
+    if query.text is not None:
+        parts.append(f"<div><b>text:</b> {_esc(query.text)}</div>")
+    return f'<div class="query">{"".join(parts)}</div>'
+
+
+def render_hits(hits: Sequence[Hit]) -> str:
+    cards = []
+    for h in hits:
+        scores = "\n".join(f"{_esc(k)}: {v:.4f}" for k, v in sorted(h.scores.items()))
+        img = h.record.image
+        img_html = f'<img alt="{_esc(h.id)}" src="{image_data_uri(img)}">' if img is not None else ""
+        cards.append(
+            f'<div class="hit" data-id="{_esc(h.id)}">{img_html}'
+            f"<div><b>#{h.rank}</b> score {h.score:.4f}</div>"
+            f"<div>{_esc(h.record.text)}</div>"
+            f'<div class="scores">{scores}</div>'
+            f'<div class="scores">id {_esc(h.id)}</div></div>'
+        )
+    return f'<div class="hits">{"".join(cards)}</div>'
+
+
+def render_search(title: str, query: Query, hits: Sequence[Hit]) -> str:
+    return f"<section><h2>{_esc(title)}</h2>{render_query(query)}{render_hits(hits)}</section>"
+
+
+def write_report(path: str | os.PathLike, title: str, sections: Iterable[str], note: str | None = None) -> Path:
+    """Write one HTML page with ``sections`` (already rendered by the functions above)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    note_html = f'<p class="note">{_esc(note)}</p>' if note else ""
+    page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>'
+            f"<style>{_CSS}</style></head><body><h1>{_esc(title)}</h1>{note_html}{''.join(sections)}</body></html>")
+    path.write_text(page, encoding="utf-8")
+    return path
