@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from common import machine
 from pipelines.tiny_models import build_dual_encoder
 from retrievers import DualEncoder, KnowledgeBase
 from retrievers.store import make_client
@@ -47,18 +47,6 @@ def make_images(folder: Path, n: int, px: int, seed: int = 0) -> list[tuple[Path
         path.with_suffix(".txt").write_text(text)
         out.append((path, text))
     return out
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}"
 
 
 def main() -> None:

@@ -35,7 +35,7 @@ def open_knowledge_base(config: Config, *, create: bool = True) -> KnowledgeBase
         _rebuild_missing_tiny_model(path, config)
     return KnowledgeBase.open(path, embedder, kb.url, create=create, lock_timeout=kb.lock_timeout,
                               max_image_pixels=kb.max_image_pixels, max_text_chars=kb.max_text_chars,
-                              allow_remote=kb.allow_remote)
+                              allow_remote=kb.allow_remote, hnsw=kb.hnsw)
 
 
 def _rebuild_missing_tiny_model(path: Path, config: Config) -> None:

@@ -48,7 +48,7 @@ from .errors import (
 from .images import DEFAULT_MAX_IMAGE_PIXELS, PreparedImage, prepare_image
 from .records import IngestReport, Record, Rejection, SourceItem, content_id
 from .sources import DEFAULT_MAX_TEXT_CHARS, describe_source, iter_source, prepare_text
-from .store import IMAGE_KEY, SHA_KEY, ImageStore, VectorStore, decode_metadata, encode_metadata, make_client
+from .store import HNSW_KEYS, IMAGE_KEY, SHA_KEY, ImageStore, VectorStore, decode_metadata, encode_metadata, make_client
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +107,7 @@ class KnowledgeBase:
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
         allow_remote: bool = False,
+        hnsw: dict[str, int] | None = None,
     ) -> "KnowledgeBase":
         """Open the knowledge base at ``path``, creating it when ``create`` and it does not exist.
 
@@ -120,10 +121,16 @@ class KnowledgeBase:
             lock_timeout: seconds a writer waits for another writer to finish (0: fail at once).
             max_image_pixels, max_text_chars: ingestion limits (bigger items are rejected).
             allow_remote: let manifests reference http(s) image URLs that are fetched.
+            hnsw: Chroma HNSW settings for a new KB (``ef_search``, ``ef_construction``,
+                ``max_neighbors``); default ``{"ef_search": 400}``. Ignored for an existing KB.
         """
         path = Path(path).expanduser().resolve()
         if isinstance(embedder, (str, os.PathLike)):
             embedder = DualEncoder(embedder)
+        bad = {k: v for k, v in (hnsw or {}).items()
+               if k not in HNSW_KEYS or not isinstance(v, int) or isinstance(v, bool) or v <= 0}
+        if bad:
+            raise ConfigError(f"`hnsw` {bad!r}: keys must be {list(HNSW_KEYS)} and values positive integers.")
         if lock_timeout < 0:
             raise ConfigError(f"`lock_timeout` must be >= 0 seconds, got {lock_timeout!r}.")
         manifest_path = path / MANIFEST_NAME
@@ -158,7 +165,7 @@ class KnowledgeBase:
         client = make_client(path / "chroma", None) if manifest["backend"] == "embedded" else make_client(None, url)
         is_new = not manifest_path.exists()
         vectors = VectorStore(
-            client, manifest["collections"], create=is_new,
+            client, manifest["collections"], create=is_new, hnsw=hnsw,
             collection_metadata={"mmrag_kb": manifest["kb_id"], "mmrag_embedder": manifest["embedder"]["model_id"]},
         )
         kb_stamp = (vectors.texts.metadata or {}).get("mmrag_kb")

@@ -224,3 +224,14 @@ def test_second_writer_gets_a_clear_error_or_waits(kb, tmp_path):
         holder.kill()
         holder.wait()
     assert kb.count() == 2
+
+
+def test_hnsw_settings_are_fixed_at_creation(tmp_path, clip_encoder):
+    kb = KnowledgeBase.open(tmp_path / "a", clip_encoder)
+    images_col, texts_col = raw_collections(kb.path)
+    assert images_col.configuration["hnsw"]["ef_search"] == texts_col.configuration["hnsw"]["ef_search"] == 400
+    kb = KnowledgeBase.open(tmp_path / "b", clip_encoder, hnsw={"ef_search": 123, "max_neighbors": 24})
+    images_col, _ = raw_collections(kb.path)
+    assert (images_col.configuration["hnsw"]["ef_search"], images_col.configuration["hnsw"]["max_neighbors"]) == (123, 24)
+    with pytest.raises(ConfigError, match="hnsw"):
+        KnowledgeBase.open(tmp_path / "c", clip_encoder, hnsw={"ef": 10})
