@@ -12,6 +12,7 @@ Layout under ``directory`` (the IP-Adapter mirrors the h94/IP-Adapter repository
     llava/        LlavaForConditionalGeneration + LlavaProcessor (chat template included)
     sd/           StableDiffusionPipeline (32-px images)
     ip-adapter/models/ip-adapter_sd15.safetensors + ip-adapter/models/image_encoder/
+    blip-itm/     BlipForImageTextRetrieval + BlipProcessor (image-text matching head, for reranking)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import collections
 import os
 import pathlib
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
@@ -31,6 +33,11 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from diffusers.models.embeddings import ImageProjection
 from tokenizers import pre_tokenizers
 from transformers import (
+    BertTokenizer,
+    BlipConfig,
+    BlipForImageTextRetrieval,
+    BlipImageProcessorPil,
+    BlipProcessor,
     CLIPConfig,
     CLIPImageProcessorPil,
     CLIPModel,
@@ -55,7 +62,7 @@ from transformers import (
 
 from retrievers.errors import ConfigError
 
-TINY_MODEL_NAMES = ("clip", "siglip", "llava", "sd", "ip-adapter")
+TINY_MODEL_NAMES = ("clip", "siglip", "llava", "sd", "ip-adapter", "blip-itm")
 DUAL_ENCODER_FAMILIES = ("clip", "siglip")
 DUAL_ENCODER_SIZES = ("tiny", "base")
 
@@ -351,11 +358,40 @@ def _build_ip_adapter(target: pathlib.Path) -> None:
     safetensors.torch.save_file(state, models / "ip-adapter_sd15.safetensors", metadata={"format": "pt"})
 
 
+# ------------------------------------------------------------------------------------- BLIP (ITM)
+def _bert_tokenizer() -> BertTokenizer:
+    """BERT's uncased WordPiece, as BLIP's: the corpus words whole, plus every character as a word start
+    and as a "##" continuation, so any ASCII text encodes without the unknown token."""
+    words = sorted({word for text in _CORPUS for word in re.findall(r"\w+", text.lower())})
+    characters = [chr(code) for code in range(33, 127) if not chr(code).isupper()]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + characters + [f"##{c}" for c in characters] + words
+    return BertTokenizer(vocab={token: i for i, token in enumerate(dict.fromkeys(vocab))})
+
+
+def _build_blip_itm(target: pathlib.Path) -> None:
+    tokenizer = _bert_tokenizer()
+    vision = _TINY["vision"]
+    text_config = dict(_TINY["text"], vocab_size=len(tokenizer), projection_dim=_TINY["projection_dim"],
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.cls_token_id,
+                       eos_token_id=tokenizer.sep_token_id, sep_token_id=tokenizer.sep_token_id)
+    # BlipVisionConfig initialises its weights with std 1e-10 (the released models overwrite them); at
+    # that scale every image gives the same features, so the tiny model uses BERT's usual 0.02.
+    vision_config = dict(vision, projection_dim=_TINY["projection_dim"], initializer_range=0.02)
+    config = BlipConfig(text_config=text_config, vision_config=vision_config,
+                        projection_dim=_TINY["projection_dim"], image_text_hidden_size=_TINY["projection_dim"])
+    model = BlipForImageTextRetrieval(config)
+    image_processor = BlipImageProcessorPil(size={"height": vision["image_size"], "width": vision["image_size"]})
+    processor = BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    model.save_pretrained(target)
+    processor.save_pretrained(target)
+
+
 # ------------------------------------------------------------------------------------------- public
 _BUILDERS: dict[str, Callable[[pathlib.Path], None]] = {
     "llava": _build_llava,
     "sd": _build_sd,
     "ip-adapter": _build_ip_adapter,
+    "blip-itm": _build_blip_itm,
 }
 
 

@@ -107,6 +107,23 @@ def test_llava_answers_about_three_interleaved_images(tiny_models, images):
     assert torch.equal(output[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
 
 
+def test_blip_itm_reloads_and_tells_images_apart(tiny_models, images):
+    from transformers import BlipForImageTextRetrieval
+
+    model = BlipForImageTextRetrieval.from_pretrained(tiny_models["blip-itm"], use_safetensors=True).eval()
+    processor = AutoProcessor.from_pretrained(tiny_models["blip-itm"])
+    tokenizer = processor.tokenizer
+    # The WordPiece vocabulary covers any ASCII text: unseen words split into characters, never [UNK].
+    assert tokenizer.unk_token_id not in tokenizer("The Zorblax, 42 striped teal stars!").input_ids
+    inputs = processor(images=images, text=["a cat"] * 3, padding=True, return_tensors="pt")
+    assert inputs["pixel_values"].shape == (3, 3, 30, 30)
+    with torch.no_grad():
+        itm = model(**inputs, use_itm_head=True).itm_score.softmax(dim=-1)[:, 1]
+    assert itm.shape == (3,) and torch.isfinite(itm).all()
+    # BLIP's default vision init (std 1e-10) would give every image the same features and score.
+    assert len({round(p, 7) for p in itm.tolist()}) == 3
+
+
 @pytest.fixture()
 def sd_pipe(tiny_models) -> StableDiffusionPipeline:
     return StableDiffusionPipeline.from_pretrained(tiny_models["sd"], use_safetensors=True)
