@@ -14,6 +14,7 @@ from .errors import (
     InvalidItemError,
     KnowledgeBaseError,
     KnowledgeBaseLockedError,
+    MissingExtraError,
     MMRAGError,
     ModelLoadError,
     NotAKnowledgeBaseError,
@@ -22,12 +23,15 @@ from .errors import (
 from .knowledge_base import KnowledgeBase
 from .query import Hit, Query
 from .records import IngestReport, Record, Rejection
+from .rerank import CrossEncoderReranker, DualEncoderReranker, Reranker, VLMReranker, reranker_from_config
 from .retriever import CHANNELS, MultimodalRetriever, RetrieverSettings
 
 __all__ = [
     "CHANNELS",
     "ConfigError",
+    "CrossEncoderReranker",
     "DualEncoder",
+    "DualEncoderReranker",
     "EmbedderMismatchError",
     "Hit",
     "IngestReport",
@@ -36,12 +40,16 @@ __all__ = [
     "KnowledgeBaseError",
     "KnowledgeBaseLockedError",
     "MMRAGError",
+    "MissingExtraError",
     "ModelLoadError",
     "MultimodalRetriever",
     "NotAKnowledgeBaseError",
     "Query",
     "Record",
     "Rejection",
+    "Reranker",
     "RetrieverSettings",
     "SchemaVersionError",
+    "VLMReranker",
+    "reranker_from_config",
 ]

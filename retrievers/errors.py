@@ -35,6 +35,10 @@ class KnowledgeBaseLockedError(KnowledgeBaseError):
     """Another writer holds the knowledge base's write lock."""
 
 
+class MissingExtraError(MMRAGError, ImportError):
+    """An optional dependency (a packaging extra) is not installed; the message has the pip command."""
+
+
 class ModelLoadError(MMRAGError):
     """A model could not be found or loaded."""
 

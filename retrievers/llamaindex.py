@@ -23,15 +23,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, List, Optional
 
-from .errors import ConfigError, MMRAGError
+from .errors import ConfigError, MissingExtraError
 from .query import Hit, Query
 from .records import Record
 
 INSTALL_COMMAND = 'pip install "mmrag[llamaindex]"'
-
-
-class MissingExtraError(MMRAGError, ImportError):
-    """An optional dependency (a packaging extra) is not installed."""
 
 
 try:
