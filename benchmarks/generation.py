@@ -6,9 +6,10 @@ on the same pipeline object, the same steps and size, two references per prompt.
 interleaved / diffusers <= 1.05 (our loop costs no more than diffusers' for the same two rows), and
 interleaved / joint well under 1 where the denoiser is compute-bound (two rows per step, not three).
 
-Methods run in alternating order (forwards, then backwards), after one warm-up each; best of
-``--rounds``. The models have random weights, built in memory from the shapes below (no download):
-a UNet bigger than the test one, tiny text and image encoders. `generation_gpu.py` reuses the
+Methods run in rotating order after one warm-up each; best of ``--rounds``. Our generator's own
+timings also give the denoising loop alone, where the guidance's row count is all that differs.
+The models have random weights, built in memory from the shapes below (no download): a UNet
+bigger than the test one, tiny text and image encoders. `generation_gpu.py` reuses the
 builder at Stable Diffusion 1.5 size.
 
     python benchmarks/generation.py [--size 128] [--steps 10] [--batch 1] [--rounds 3]
@@ -17,12 +18,11 @@ builder at Stable Diffusion 1.5 size.
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
-import platform
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -40,6 +40,7 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
+from common import machine
 from generators import ReferenceDiffusionGenerator
 
 # Shapes for CPU: a two-level UNet (64, 128 channels, attention in the lower level), a VAE that halves
@@ -87,7 +88,9 @@ def build_pipeline(shape: dict, device: str, dtype: torch.dtype, seed: int = 0) 
         safety_checker=None, requires_safety_checker=False, image_encoder=image_encoder,
         feature_extractor=CLIPImageProcessorPil(size={"shortest_edge": image_size},
                                                 crop_size={"height": image_size, "width": image_size}),
-    ).to(dtype=dtype)
+    )
+    if dtype != torch.float32:  # modules are built in float32
+        pipeline.to(dtype=dtype)
     pipeline.load_ip_adapter(ip_adapter, subfolder="", weight_name="")  # a state dict: no files
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
@@ -116,60 +119,71 @@ def references(count: int = 2, px: int = 256) -> list[PIL.Image.Image]:
 
 
 def time_methods(methods: dict[str, Callable[[], object]], rounds: int, sync: Callable[[], None]) -> dict[str, float]:
-    """Best wall-clock seconds of each method: one warm-up each, then rounds in alternating order."""
+    """Best wall-clock seconds of each method: one warm-up each, then ``rounds`` rounds, the order
+    rotated every round so that no method always follows the same one (GPU clocks, caches). As
+    `timeit`, the garbage collector is off while a method runs: a collection over the pipeline's many
+    Python objects would land in whichever run happened to cross its threshold."""
     for method in methods.values():
         method()
     best = dict.fromkeys(methods, math.inf)
     names = list(methods)
     for round_ in range(rounds):
-        for name in names if round_ % 2 == 0 else names[::-1]:
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            gc.collect()
             sync()
+            gc.disable()
             start = time.perf_counter()
             methods[name]()
             sync()
             best[name] = min(best[name], time.perf_counter() - start)
+            gc.enable()
     return best
 
 
-def generation_methods(pipeline: StableDiffusionPipeline, batch: int, size: int, steps: int) -> dict[str, Callable]:
-    """diffusers' own call and ours with each guidance: same prompts, references, size, steps, output."""
+def generation_methods(pipeline: StableDiffusionPipeline, batch: int, size: int, steps: int,
+                       denoise: dict[str, float]) -> dict[str, Callable]:
+    """diffusers' own call and ours with each guidance: same prompts, references, size, steps, output.
+    Our calls also record their best denoising-loop time (`GenerationOutput.timings`) in ``denoise``."""
     generator = ReferenceDiffusionGenerator.from_pipeline(pipeline)
     prompts, refs = (PROMPTS * batch)[:batch], references()
     common = dict(num_inference_steps=steps, height=size, width=size, output_type="np")
 
     def diffusers_call():
-        return pipeline(prompts, ip_adapter_image=[refs], guidance_scale=7.5,
-                        generator=torch.Generator().manual_seed(0), **common)
+        pipeline(prompts, ip_adapter_image=[refs], guidance_scale=7.5, generator=torch.Generator().manual_seed(0),
+                 **common)
 
-    def ours(guidance: str):
-        return lambda: generator(prompts, refs, guidance=guidance, seed=0, **common)
+    def ours(name: str, guidance: str):
+        def call():
+            seconds = generator(prompts, refs, guidance=guidance, seed=0, **common).timings["denoise"]
+            denoise[name] = min(denoise.get(name, math.inf), seconds)
+        return call
 
-    return {"diffusers (cfg)": diffusers_call, "ours: cfg": ours("cfg"), "ours: joint": ours("joint"),
-            "ours: interleaved": ours("interleaved")}
+    return {"diffusers (cfg)": diffusers_call, **{f"ours: {g}": ours(f"ours: {g}", g)
+                                                  for g in ("cfg", "joint", "interleaved")}}
 
 
-def table(results: dict[int, dict[str, float]]) -> str:
-    """Markdown: seconds per image per method and batch, then the two ratios per batch."""
-    lines = ["| method | batch | s / image | vs diffusers |", "|---|---:|---:|---:|"]
-    for batch, best in results.items():
+def benchmark(pipeline, batch: int, size: int, steps: int, rounds: int, sync) -> tuple[dict, dict]:
+    """(best seconds per call, best denoising-loop seconds per call of our methods) for one batch size."""
+    denoise = {}
+    return time_methods(generation_methods(pipeline, batch, size, steps, denoise), rounds, sync), denoise
+
+
+def table(results: dict[int, tuple[dict[str, float], dict[str, float]]]) -> str:
+    """Markdown: seconds per image per method and batch, then the ratios per batch."""
+    lines = ["| method | batch | s / image | vs diffusers | denoising loop s / image |", "|---|---:|---:|---:|---:|"]
+    for batch, (best, denoise) in results.items():
         for name, seconds in best.items():
-            lines.append(f"| {name} | {batch} | {seconds / batch:.4f} | {seconds / best['diffusers (cfg)']:.3f} |")
-    lines += ["", "| batch | interleaved / diffusers | interleaved / joint |", "|---:|---:|---:|"]
-    for batch, best in results.items():
+            loop = f"{denoise[name] / batch:.4f}" if name in denoise else "-"
+            lines.append(f"| {name} | {batch} | {seconds / batch:.4f} | {seconds / best['diffusers (cfg)']:.3f} "
+                         f"| {loop} |")
+    lines += ["", "| batch | interleaved / diffusers | interleaved / joint | same, denoising loops only |",
+              "|---:|---:|---:|---:|"]
+    for batch, (best, denoise) in results.items():
         interleaved = best["ours: interleaved"]
         lines.append(f"| {batch} | {interleaved / best['diffusers (cfg)']:.3f} | "
-                     f"{interleaved / best['ours: joint']:.3f} |")
+                     f"{interleaved / best['ours: joint']:.3f} | "
+                     f"{denoise['ours: interleaved'] / denoise['ours: joint']:.3f} |")
     return "\n".join(lines)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -181,12 +195,11 @@ def main() -> None:
     args = parser.parse_args()
 
     pipeline = build_pipeline(CPU_SHAPE, "cpu", torch.float32)
-    best = time_methods(generation_methods(pipeline, args.batch, args.size, args.steps), args.rounds,
-                        sync=lambda: None)
-    print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}; random-weight SD "
+    result = benchmark(pipeline, args.batch, args.size, args.steps, args.rounds, sync=lambda: None)
+    print(f"{machine()}; random-weight SD "
           f"(UNet {CPU_SHAPE['unet']['block_out_channels']}), {args.size} px, {args.steps} steps, 2 references, "
           f"fp32; best of {args.rounds}\n")
-    print(table({args.batch: best}))
+    print(table({args.batch: result}))
 
 
 if __name__ == "__main__":

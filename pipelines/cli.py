@@ -65,7 +65,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--html", metavar="FILE", help="also write an HTML gallery")
 
-    ev = sub.add_parser("eval", help="evaluate retrieval").add_subparsers(dest="eval_command", required=True, metavar="WHAT")
+    p = sub.add_parser("ask", help="answer a question about an image with references from the KB")
+    p.add_argument("question")
+    p.add_argument("--image", metavar="PATH", help="the image the question is about")
+    _add_kb(p)
+    _add_config(p)
+    p.add_argument("-k", type=int, help="references to retrieve (default from config: 3)")
+    p.add_argument("--where", metavar="JSON", help="metadata filter for the references")
+    p.add_argument("--choices", metavar="A;B;C", help="multiple choice: options separated by ';'")
+    p.add_argument("--no-rerank", action="store_true", help="skip the rerank stage")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--html", metavar="FILE", help="also write an HTML report")
+
+    p = sub.add_parser("draw", help="draw a prompt grounded on reference images from the KB")
+    p.add_argument("prompt")
+    _add_kb(p, required=False)
+    _add_config(p)
+    p.add_argument("-k", type=int, help="references (default from config: 2)")
+    p.add_argument("--reference", action="append", metavar="IMAGE", help="use this image as a reference (repeatable); skips retrieval")
+    p.add_argument("--guidance", choices=["interleaved", "joint", "cfg"], help="guidance (scales from the config)")
+    p.add_argument("--steps", type=int, help="denoising steps")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--num-images", type=int, default=1, help="images to draw")
+    p.add_argument("-o", "--output", default="mmrag-draw.png", metavar="FILE.png",
+                   help="image path (more images: FILE-1.png, ...); the contact sheet goes to FILE.sheet.png")
+    p.add_argument("--where", metavar="JSON")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--html", metavar="FILE", help="also write an HTML report")
+
+    ev = sub.add_parser("eval", help="evaluate retrieval or VQA").add_subparsers(dest="eval_command", required=True, metavar="WHAT")
+    p = ev.add_parser("vqa", help="accuracy with no retrieval, gold references and retrieved references")
+    _add_kb(p)
+    _add_config(p)
+    p.add_argument("--dataset", required=True, metavar="FILE.jsonl", help="image, question, answers or choices+answer")
+    p.add_argument("-k", type=int, help="references per question")
+    p.add_argument("--predictions", metavar="FILE.jsonl", help="where to write predictions (default: beside the dataset)")
+    p.add_argument("--json", action="store_true", help="print JSON")
     p = ev.add_parser("retrieval", help="Recall@1/5/10, MRR, nDCG@10, mAP@50 per category and channel")
     _add_kb(p)
     _add_config(p)
@@ -95,18 +130,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return _COMMANDS[args.command](args) or 0
-    except MMRAGError as e:
-        print(f"mmrag {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_ERROR
     except KeyboardInterrupt:
         print(f"mmrag {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # one line for users; the traceback on request
+        if _is_user_error(e, MMRAGError):
+            print(f"mmrag {args.command}: error: {e}", file=sys.stderr)
+            return EXIT_ERROR
         if os.environ.get("MMRAG_DEBUG"):
             raise
         print(f"mmrag {args.command}: unexpected {type(e).__name__}: {e} (set MMRAG_DEBUG=1 for the traceback)",
               file=sys.stderr)
         return EXIT_BUG
+
+
+def _is_user_error(error: Exception, base: type) -> bool:
+    """mmrag's typed errors: retrievers' MMRAGError, generators' GeneratorsError, prompts'
+    TemplateError. Checked through sys.modules, so a command that never touched the generators
+    does not pay for importing diffusers here."""
+    bases = [base]
+    if "generators.errors" in sys.modules:
+        bases.append(sys.modules["generators.errors"].GeneratorsError)
+    if "prompts.loader" in sys.modules:
+        bases.append(sys.modules["prompts.loader"].TemplateError)
+    return isinstance(error, tuple(bases))
 
 
 def _quiet_libraries() -> None:
@@ -211,9 +258,98 @@ def _cmd_search(args) -> int:
     return 0
 
 
+def _cmd_ask(args) -> int:
+    from retrievers import ConfigError
+
+    from .components import uses_tiny_models
+    from .report import render_answer, write_report
+    from .vqa import RAGVQAPipeline
+
+    choices = None
+    if args.choices is not None:
+        choices = [c.strip() for c in args.choices.split(";")]
+        if len(choices) < 2 or not all(choices):
+            raise ConfigError(f"`--choices` needs at least 2 non-empty options separated by ';', got {args.choices!r}.")
+    cfg = _config(args, **{"kb.path": args.kb, "kb.url": args.url, "vqa.k": args.k})
+    pipe = RAGVQAPipeline.from_config(cfg)
+    stream = not args.json and choices is None
+    out = pipe(args.question, image=args.image, k=cfg.vqa.k, where=_parse_where(args.where), rerank=not args.no_rerank,
+               choices=choices, stream=stream)
+    if stream:
+        for chunk in out:
+            print(chunk, end="", flush=True)
+        print()
+        out = out.result
+    if args.html:
+        note = TINY_NOTE if uses_tiny_models(cfg, pipe.retriever.kb) else None
+        path = write_report(args.html, "mmrag ask", [render_answer(args.question, args.image, out)], note=note)
+        print(f"wrote {path}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(out.to_dict()))
+        return 0
+    if choices is not None:
+        print(out.choice + "   (" + ", ".join(f"{c}: {s:.3f}" for c, s in zip(choices, out.choice_scores)) + ")")
+    if out.message:
+        print(f"note: {out.message}")
+    cited = {h.id for h in out.cited}
+    for i, h in enumerate(out.references, start=1):
+        print(f"[{i}]{'*' if h.id in cited else ' '} {h.score:8.4f}  {h.id}  {h.record.text[:70]}")
+    return 0
+
+
+def _cmd_draw(args) -> int:
+    from retrievers import ConfigError, Query
+
+    from .components import uses_tiny_models
+    from .draw import EntityImagePipeline, contact_sheet
+    from .report import render_drawing, write_report
+
+    if args.kb is None and not args.reference:
+        raise ConfigError("Give --kb DIR to retrieve references, or --reference IMAGE (repeatable).")
+    references = [Query.coerce(Query(image=r)).image for r in args.reference] if args.reference else None
+    cfg = _config(args, **{"kb.path": args.kb, "kb.url": args.url, "draw.k": args.k,
+                           "draw.num_inference_steps": args.steps})
+    pipe = EntityImagePipeline.from_config(cfg, with_kb=args.kb is not None)
+    out = pipe(args.prompt, k=cfg.draw.k, references=references, guidance=args.guidance or cfg.draw.guidance,
+               num_inference_steps=cfg.draw.num_inference_steps, seed=args.seed, where=_parse_where(args.where),
+               num_images_per_prompt=args.num_images, height=cfg.draw.height, width=cfg.draw.width)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    paths = [output if i == 0 else output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(len(out.images))]
+    for image, path in zip(out.images, paths):
+        image.save(path)
+    sheet = output.with_name(f"{output.stem}.sheet.png")
+    contact_sheet([h.record.open_image() for h in out.references], out.images).save(sheet)
+    if args.html:
+        note = TINY_NOTE if uses_tiny_models(cfg, pipe.retriever.kb if pipe.retriever else None) else None
+        write_report(args.html, "mmrag draw", [render_drawing(args.prompt, out)], note=note)
+    if args.json:
+        print(json.dumps({"images": [str(p) for p in paths], "contact_sheet": str(sheet), "guidance": out.guidance,
+                          "fallback": out.fallback, "references": [{"id": h.id, "score": h.score, "text": h.record.text}
+                                                                   for h in out.references], "timings": out.timings}))
+        return 0
+    if out.fallback:
+        print(f"note: {out.fallback}")
+    print(f"guidance: {out.guidance}")
+    for h in out.references:
+        print(f"reference {h.rank}: {h.score:8.4f}  {h.id}  {h.record.text[:70]}")
+    print("wrote " + ", ".join(str(p) for p in paths) + f" and the contact sheet {sheet}")
+    return 0
+
+
 def _cmd_eval(args) -> int:
     from .components import build_reranker, build_retriever, open_knowledge_base
-    from .evaluation import evaluate_retrieval, load_queries
+    from .evaluation import evaluate_retrieval, evaluate_vqa, load_queries, load_vqa_dataset, vqa_table
+
+    if args.eval_command == "vqa":
+        from .vqa import RAGVQAPipeline
+
+        items = load_vqa_dataset(args.dataset)
+        cfg = _config(args, **{"kb.path": args.kb, "kb.url": args.url, "vqa.k": args.k})
+        predictions = args.predictions or str(Path(args.dataset).with_suffix(".predictions.jsonl"))
+        summary = evaluate_vqa(RAGVQAPipeline.from_config(cfg), items, k=cfg.vqa.k, predictions_path=predictions)
+        print(json.dumps(summary) if args.json else vqa_table(summary) + f"\npredictions: {predictions}")
+        return 0
 
     queries = load_queries(args.queries)
     cfg = _config(args, **{"kb.path": args.kb, "kb.url": args.url})
@@ -266,7 +402,7 @@ def _cmd_env(args) -> int:
     return 0
 
 
-_COMMANDS = {"ingest": _cmd_ingest, "kb": _cmd_kb, "search": _cmd_search, "eval": _cmd_eval, "tiny-models": _cmd_tiny_models, "demo": _cmd_demo, "env": _cmd_env}
+_COMMANDS = {"ingest": _cmd_ingest, "kb": _cmd_kb, "search": _cmd_search, "ask": _cmd_ask, "draw": _cmd_draw, "eval": _cmd_eval, "tiny-models": _cmd_tiny_models, "demo": _cmd_demo, "env": _cmd_env}
 
 if __name__ == "__main__":
     sys.exit(main())

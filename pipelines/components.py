@@ -87,3 +87,27 @@ def uses_tiny_models(config: Config, kb: KnowledgeBase | None = None) -> bool:
     cache = Path(config.tiny_models.cache_dir).expanduser().resolve()
     model = Path(kb.manifest["embedder"]["model_id"])
     return model.is_absolute() and (model.parent == cache or (model / ".complete").exists())
+
+
+def build_answerer(config: Config):
+    """The configured :class:`~generators.vlm.VLMAnswerer` (loads lazily)."""
+    from generators.vlm import VLMAnswerer
+
+    v = config.vlm
+    return VLMAnswerer(config.resolve_model(v.model), device=v.device, dtype=v.dtype, max_new_tokens=v.max_new_tokens,
+                       do_sample=v.do_sample, temperature=v.temperature, top_p=v.top_p, seed=v.seed,
+                       template=v.template, trust_remote_code=v.trust_remote_code,
+                       max_context_tokens=v.max_context_tokens, length_normalize=v.length_normalize)
+
+
+def build_generator(config: Config):
+    """The configured :class:`~generators.ReferenceDiffusionGenerator` (loads lazily)."""
+    from generators import ReferenceDiffusionGenerator
+
+    d = config.diffusion
+    return ReferenceDiffusionGenerator(config.resolve_model(d.model), ip_adapter=config.resolve_model(d.ip_adapter),
+                                       ip_adapter_subfolder=d.ip_adapter_subfolder,
+                                       ip_adapter_weight_name=d.ip_adapter_weight_name,
+                                       image_encoder_folder=d.image_encoder_folder, ip_adapter_scale=d.ip_adapter_scale,
+                                       scheduler=d.scheduler, guidance=config.draw.guidance, device=d.device,
+                                       dtype=d.dtype)

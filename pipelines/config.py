@@ -87,6 +87,56 @@ class RerankerConfig(_Section):
     device: str | None = None
 
 
+class VLMConfig(_Section):
+    """The vision-language model that answers (and can rerank)."""
+
+    model: str = "llava-hf/llava-interleave-qwen-0.5b-hf"
+    device: str | None = None
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    max_new_tokens: int = Field(64, gt=0)
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = None
+    template: str = "vqa"
+    max_context_tokens: int | None = Field(None, gt=0)  # None: the model's own limit
+    length_normalize: bool = True  # multiple choice: mean (not sum) of the option's token log-probs
+    trust_remote_code: bool = False
+
+
+class VQAConfig(_Section):
+    k: int = Field(3, gt=0)
+    min_score: float | None = None  # drop references scoring below (the reranker's score, else the fused one)
+    two_stage: bool = False  # RoRA-VLM: the image's entity records expand the question
+    expansion_k: int = Field(2, gt=0)
+    channels: list[str] | None = None  # None: image_to_image + text_to_text + lexical (with an image)
+
+
+class DiffusionConfig(_Section):
+    """The Stable Diffusion family pipeline and its IP-Adapter (SD 1.5 or SDXL)."""
+
+    model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    ip_adapter: str = "h94/IP-Adapter"
+    ip_adapter_subfolder: str = "models"
+    ip_adapter_weight_name: str = "ip-adapter_sd15.safetensors"
+    image_encoder_folder: str = "image_encoder"
+    ip_adapter_scale: float = Field(0.5, ge=0)  # 0.5: the IP-Adapter authors' balance of text and image
+    scheduler: Literal["ddim", "euler", "euler_a", "dpm++"] | None = None  # None: the model's own
+    device: str | None = None
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+
+
+class DrawConfig(_Section):
+    k: int = Field(2, gt=0)
+    guidance: dict[str, Any] = Field(default_factory=lambda: {"name": "interleaved", "text_scale": 7.5,
+                                                              "reference_scale": 3.0, "eta": 0.5})
+    num_inference_steps: int = Field(30, gt=0)
+    height: int | None = None  # None: the model's default size
+    width: int | None = None
+    channels: list[str] = Field(default_factory=lambda: ["text_to_image", "lexical"])
+    fold_reference_texts: bool = False
+
+
 class TinyModelsConfig(_Section):
     cache_dir: str = "~/.cache/mmrag/tiny-models"
 
@@ -100,6 +150,10 @@ class Config(_Section):
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     retriever: RetrieverConfig = Field(default_factory=RetrieverConfig)
     reranker: RerankerConfig = Field(default_factory=RerankerConfig)
+    vlm: VLMConfig = Field(default_factory=VLMConfig)
+    vqa: VQAConfig = Field(default_factory=VQAConfig)
+    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+    draw: DrawConfig = Field(default_factory=DrawConfig)
     tiny_models: TinyModelsConfig = Field(default_factory=TinyModelsConfig)
 
     def resolve_model(self, name: str) -> str:

@@ -150,3 +150,126 @@ def evaluate_retrieval(retriever, queries: Sequence[EvalQuery], *, where: dict |
     return RetrievalReport(mean_metrics(r for r in ({k: v for k, v in row.items() if k not in ("line", "category")}
                                                      for row in rows)),
                            per_category, per_channel, len(queries), rows)
+
+
+# ---------------------------------------------------------------------------- VQA
+VQA_SETTINGS = ("no_retrieval", "gold", "retrieved")
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, strip punctuation and articles (the VQA benchmark's normalisation, simplified)."""
+    import re
+
+    text = re.sub(r"[^\w\s]", " ", text.lower())
+    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
+
+
+def vqa_soft_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """VQA accuracy: ``min(1, #annotators who gave the prediction / 3)``."""
+    p = normalize_answer(prediction)
+    return min(1.0, sum(normalize_answer(a) == p for a in answers) / 3.0)
+
+
+@dataclass
+class VQAItem:
+    question: str
+    image: Path | None
+    answers: list[str]  # free-text gold answers (one or many annotators)
+    choices: list[str] | None
+    gold_choice: str | None
+    gold_ids: list[str]
+    category: str
+    line: int
+
+
+def load_vqa_dataset(path: str | Path) -> list[VQAItem]:
+    """JSONL lines: ``image``, ``question``, ``answers`` (list) or ``choices`` + ``answer``,
+    optional ``gold_ids`` (reference record ids) and ``category``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"`--dataset` {str(path)!r} does not exist; pass a JSONL file.")
+    items = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            raise ConfigError(f"{path}:{n} is not valid JSON ({e}).") from None
+        where = f"{path}:{n}"
+        if not isinstance(obj, dict) or not isinstance(obj.get("question"), str) or not obj["question"].strip():
+            raise ConfigError(f"{where}: needs a non-empty `question`.")
+        choices, answers = obj.get("choices"), obj.get("answers", obj.get("answer"))
+        if isinstance(answers, str):
+            answers = [answers]
+        if choices is not None and (not isinstance(choices, list) or len(choices) < 2 or obj.get("answer") not in choices):
+            raise ConfigError(f"{where}: `choices` must list >= 2 options and `answer` must be one of them.")
+        if not answers or not all(isinstance(a, str) for a in answers):
+            raise ConfigError(f"{where}: needs `answers` (a list of strings) or `answer`.")
+        image = obj.get("image")
+        if image is not None:
+            image = Path(image) if Path(image).is_absolute() else path.parent / image
+            if not image.is_file():
+                raise ConfigError(f"{where}: image {str(image)!r} does not exist.")
+        items.append(VQAItem(obj["question"], image, answers, choices, obj.get("answer") if choices else None,
+                             list(obj.get("gold_ids", [])), str(obj.get("category", "all")), n))
+    if not items:
+        raise ConfigError(f"{path} holds no questions.")
+    return items
+
+
+def evaluate_vqa(pipeline, items: Sequence[VQAItem], *, k: int = 3, predictions_path: str | Path | None = None,
+                 progress=None) -> dict[str, Any]:
+    """Score ``pipeline`` in the three MRAG-Bench settings: no retrieval, gold references, retrieved.
+
+    Metric per item: multiple-choice accuracy when the item has choices, else VQA soft accuracy
+    (which equals exact match with one gold answer). Returns overall and per-category means per
+    setting; predictions go to ``predictions_path`` as JSONL.
+    """
+    kb = pipeline.retriever.kb if pipeline.retriever is not None else None
+    rows = []
+    for i, item in enumerate(items):
+        for setting in VQA_SETTINGS:
+            if setting == "gold":
+                if not item.gold_ids:
+                    continue
+                if kb is None:
+                    raise ConfigError("The gold-references setting needs the knowledge base holding `gold_ids`.")
+                refs = kb.get(item.gold_ids)
+                missing = sorted(set(item.gold_ids) - {r.id for r in refs})
+                if missing:
+                    raise ConfigError(f"line {item.line}: gold_ids {missing} are not in the knowledge base.")
+            else:
+                refs = [] if setting == "no_retrieval" else None
+            out = pipeline(item.question, image=item.image, k=k, references=refs, choices=item.choices)
+            score = float(out.choice == item.gold_choice) if item.choices else vqa_soft_accuracy(out.answer, item.answers)
+            rows.append({"line": item.line, "setting": setting, "category": item.category, "question": item.question,
+                         "prediction": out.answer, "score": score, "references": [h.id for h in out.references],
+                         "cited": [h.id for h in out.cited]})
+        if progress is not None:
+            progress(i + 1)
+    if predictions_path is not None:
+        Path(predictions_path).parent.mkdir(parents=True, exist_ok=True)
+        with open(predictions_path, "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    summary: dict[str, Any] = {"n_items": len(items), "metric": "accuracy", "overall": {}, "per_category": {}}
+    for setting in VQA_SETTINGS:
+        srows = [r for r in rows if r["setting"] == setting]
+        if not srows:
+            continue
+        summary["overall"][setting] = {"accuracy": sum(r["score"] for r in srows) / len(srows), "n": len(srows)}
+        for cat in sorted({r["category"] for r in srows}):
+            crow = [r["score"] for r in srows if r["category"] == cat]
+            summary["per_category"].setdefault(cat, {})[setting] = {"accuracy": sum(crow) / len(crow), "n": len(crow)}
+    return summary
+
+
+def vqa_table(summary: dict[str, Any]) -> str:
+    settings = [s for s in VQA_SETTINGS if s in summary["overall"]]
+    lines = ["| | " + " | ".join(settings) + " |", "|---" * (len(settings) + 1) + "|"]
+    cell = lambda d, s: f"{d[s]['accuracy']:.3f} (n={d[s]['n']})" if s in d else "-"
+    lines.append("| overall | " + " | ".join(cell(summary["overall"], s) for s in settings) + " |")
+    for cat, d in summary["per_category"].items():
+        lines.append(f"| {cat} | " + " | ".join(cell(d, s) for s in settings) + " |")
+    return "\n".join(lines)

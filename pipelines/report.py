@@ -83,3 +83,36 @@ def write_report(path: str | os.PathLike, title: str, sections: Iterable[str], n
             f"<style>{_CSS}</style></head><body><h1>{_esc(title)}</h1>{note_html}{''.join(sections)}</body></html>")
     path.write_text(page, encoding="utf-8")
     return path
+
+
+def render_answer(question: str, image, out) -> str:
+    """A VQA answer: the question and image, the answer with each [n] linked to its reference,
+    and the references (cited ones marked)."""
+    import re
+
+    query = Query(text=question, image=Query.coerce(image).image if image is not None else None)
+    answer = re.sub(r"\[(\d+)\]", lambda m: f'<a href="#ref-{m.group(1)}">[{m.group(1)}]</a>'
+                    if 1 <= int(m.group(1)) <= len(out.references) else m.group(0), _esc(out.answer))
+    cited = {h.id for h in out.cited}
+    refs = []
+    for i, h in enumerate(out.references, start=1):
+        img = f'<img alt="reference {i}" src="{image_data_uri(h.record.image)}">' if h.record.image is not None else ""
+        refs.append(f'<div class="hit" id="ref-{i}">{img}<div><b>[{i}]</b>{" cited" if h.id in cited else ""} '
+                    f"score {h.score:.4f}</div><div>{_esc(h.record.text)}</div></div>")
+    message = f"<p><i>{_esc(out.message)}</i></p>" if out.message else ""
+    return (f"<section><h2>question</h2>{render_query(query)}<h2>answer</h2><p class=\"answer\">{answer}</p>"
+            f'{message}<h2>references</h2><div class="hits">{"".join(refs)}</div></section>')
+
+
+def render_drawing(prompt: str, out) -> str:
+    """A generation: the prompt and guidance, the image(s), and the references they were grounded on."""
+    images = "".join(f'<div class="hit"><img alt="result {i + 1}" src="{image_data_uri(im, 256)}"></div>'
+                     for i, im in enumerate(out.images))
+    refs = "".join(
+        f'<div class="hit" data-id="{_esc(h.id)}"><img alt="reference {h.rank}" src="{image_data_uri(h.record.image)}">'
+        f"<div><b>#{h.rank}</b> score {h.score:.4f}</div><div>{_esc(h.record.text)}</div></div>" for h in out.references)
+    guidance = ", ".join(f"{_esc(k)}={_esc(v)}" for k, v in out.guidance.items())
+    fallback = f"<p><i>{_esc(out.fallback)}</i></p>" if out.fallback else ""
+    return (f"<section><h2>prompt</h2><p>{_esc(prompt)}</p><p class=\"scores\">guidance: {guidance}</p>{fallback}"
+            f'<h2>generated</h2><div class="hits">{images}</div>'
+            f'<h2>references</h2><div class="hits">{refs or "<p>none</p>"}</div></section>')

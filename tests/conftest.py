@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.tiny_models import build_tiny_model
+from pipelines.tiny_models import ensure_tiny_model
 from retrievers import DualEncoder, KnowledgeBase
 
 
@@ -21,12 +21,18 @@ def tiny_models_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_clip(tiny_models_dir) -> Path:
-    return build_tiny_model("clip", tiny_models_dir)
+    return ensure_tiny_model("clip", tiny_models_dir)
 
 
 @pytest.fixture(scope="session")
 def tiny_siglip(tiny_models_dir) -> Path:
-    return build_tiny_model("siglip", tiny_models_dir)
+    return ensure_tiny_model("siglip", tiny_models_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tiny_models_dir) -> tuple[Path, Path]:
+    """The tiny Stable Diffusion pipeline and its IP-Adapter (h94 layout)."""
+    return ensure_tiny_model("sd", tiny_models_dir), ensure_tiny_model("ip-adapter", tiny_models_dir)
 
 
 @pytest.fixture(scope="session")
