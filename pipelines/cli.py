@@ -94,6 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--html", metavar="FILE", help="also write an HTML report")
 
     ev = sub.add_parser("eval", help="evaluate retrieval or VQA").add_subparsers(dest="eval_command", required=True, metavar="WHAT")
+    p = ev.add_parser("generation", help="CLIP-T and CLIP-I for cfg / joint / interleaved, per bucket")
+    _add_kb(p)
+    _add_config(p)
+    p.add_argument("--prompts", required=True, metavar="FILE.jsonl", help="prompt, entity, held-out images, bucket")
+    p.add_argument("-k", type=int, help="references per prompt")
+    p.add_argument("--steps", type=int, help="denoising steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print JSON")
+
     p = ev.add_parser("vqa", help="accuracy with no retrieval, gold references and retrieved references")
     _add_kb(p)
     _add_config(p)
@@ -341,6 +350,19 @@ def _cmd_eval(args) -> int:
     from .components import build_reranker, build_retriever, open_knowledge_base
     from .evaluation import evaluate_retrieval, evaluate_vqa, load_queries, load_vqa_dataset, vqa_table
 
+    if args.eval_command == "generation":
+        from .draw import EntityImagePipeline
+        from .evaluation import evaluate_generation, generation_table, load_generation_prompts
+
+        items = load_generation_prompts(args.prompts)
+        cfg = _config(args, **{"kb.path": args.kb, "kb.url": args.url, "draw.k": args.k,
+                               "draw.num_inference_steps": args.steps})
+        pipe = EntityImagePipeline.from_config(cfg)
+        summary = evaluate_generation(pipe, items, pipe.retriever.kb.embedder, k=cfg.draw.k,
+                                      num_inference_steps=cfg.draw.num_inference_steps, seed=args.seed,
+                                      height=cfg.draw.height, width=cfg.draw.width)
+        print(json.dumps(summary) if args.json else generation_table(summary))
+        return 0
     if args.eval_command == "vqa":
         from .vqa import RAGVQAPipeline
 

@@ -273,3 +273,97 @@ def vqa_table(summary: dict[str, Any]) -> str:
     for cat, d in summary["per_category"].items():
         lines.append(f"| {cat} | " + " | ".join(cell(d, s) for s in settings) + " |")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- generation
+GUIDANCE_NAMES = ("cfg", "joint", "interleaved")
+
+
+@dataclass
+class GenerationItem:
+    prompt: str
+    entity: str
+    images: list[Path]  # held-out images of the entity (not in the KB)
+    bucket: str
+    line: int
+
+
+def load_generation_prompts(path: str | Path) -> list[GenerationItem]:
+    """JSONL lines: ``prompt``, ``entity``, ``images`` (held-out image paths, relative to the file),
+    optional ``bucket`` (e.g. "frequent" / "rare", EntityDrawBench style)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"`--prompts` {str(path)!r} does not exist; pass a JSONL file.")
+    items = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            raise ConfigError(f"{path}:{n} is not valid JSON ({e}).") from None
+        where = f"{path}:{n}"
+        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
+            raise ConfigError(f"{where}: needs a non-empty `prompt`.")
+        images = obj.get("images")
+        if not isinstance(images, list) or not images:
+            raise ConfigError(f"{where}: `images` must list held-out images of the entity.")
+        paths = [Path(p) if Path(p).is_absolute() else path.parent / p for p in images]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise ConfigError(f"{where}: images {missing} do not exist.")
+        items.append(GenerationItem(obj["prompt"], str(obj.get("entity", "")), paths, str(obj.get("bucket", "all")), n))
+    if not items:
+        raise ConfigError(f"{path} holds no prompts.")
+    return items
+
+
+def evaluate_generation(pipeline, items: Sequence[GenerationItem], encoder, *, guidances: Sequence = GUIDANCE_NAMES,
+                        k: int = 2, num_inference_steps: int = 30, seed: int = 0, progress=None,
+                        **generate_kwargs) -> dict[str, Any]:
+    """CLIP-T (cosine between the image and its prompt) and CLIP-I (mean cosine between the image
+    and the entity's held-out images) for each guidance, per bucket, same seed and references.
+
+    ``encoder`` is a :class:`~retrievers.DualEncoder` (the KB's, or a stronger CLIP).
+    """
+    import numpy as np
+    from PIL import Image
+
+    scores: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for i, item in enumerate(items):
+        held_out = encoder.embed_images([Image.open(p).convert("RGB") for p in item.images])
+        text = encoder.embed_texts([item.prompt])[0]
+        refs = None  # retrieved once, reused for every guidance so that only the guidance differs
+        for g in guidances:
+            out = pipeline(item.prompt, k=k, references=refs, guidance=g, num_inference_steps=num_inference_steps,
+                           seed=seed, **generate_kwargs)
+            if refs is None:
+                refs = [h.record.open_image() for h in out.references]
+            name = g if isinstance(g, str) else g.get("name", str(g))
+            vec = encoder.embed_images(out.images)
+            clip_t = float(np.mean(vec @ text))
+            clip_i = float(np.mean(vec @ held_out.T))
+            scores.setdefault(name, {}).setdefault(item.bucket, []).append((clip_t, clip_i))
+        if progress is not None:
+            progress(i + 1)
+    summary: dict[str, Any] = {"n_prompts": len(items), "per_guidance": {}}
+    for name, buckets in scores.items():
+        every = [s for rows in buckets.values() for s in rows]
+        summary["per_guidance"][name] = {
+            "clip_t": float(np.mean([t for t, _ in every])), "clip_i": float(np.mean([c for _, c in every])),
+            "per_bucket": {b: {"clip_t": float(np.mean([t for t, _ in rows])), "clip_i": float(np.mean([c for _, c in rows])),
+                               "n": len(rows)} for b, rows in sorted(buckets.items())},
+        }
+    return summary
+
+
+def generation_table(summary: dict[str, Any]) -> str:
+    buckets = sorted({b for g in summary["per_guidance"].values() for b in g["per_bucket"]})
+    head = ["guidance", "CLIP-T", "CLIP-I"] + [f"{b}: CLIP-T / CLIP-I" for b in buckets]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for name, g in summary["per_guidance"].items():
+        cells = [name, f"{g['clip_t']:.4f}", f"{g['clip_i']:.4f}"]
+        cells += [f"{g['per_bucket'][b]['clip_t']:.4f} / {g['per_bucket'][b]['clip_i']:.4f}" if b in g["per_bucket"]
+                  else "-" for b in buckets]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -103,3 +103,35 @@ def test_cli_draw_writes_images_sheet_and_json(tmp_path, kb, tiny_models_dir, ca
     assert page.count("data:image/jpeg;base64,") == 2 + len(res["references"])
     code = main(["draw", "a dog", "--config", str(cfg)])
     assert code == 2 and "--reference" in capsys.readouterr().err
+
+
+def test_eval_generation_scores_equal_clip_cosines(tmp_path, kb, generator, tiny_models_dir, capsys):
+    from pipelines.evaluation import evaluate_generation, load_generation_prompts
+
+    held = tmp_path / "held.png"
+    _shape((145, 85, 35), (3, 6, 29, 28)).save(held)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "a Chortai dog", "entity": "Chortai", "images": ["held.png"],
+                                   "bucket": "rare"}) + "\n")
+    items = load_generation_prompts(prompts)
+    pipe = EntityImagePipeline(generator, MultimodalRetriever(kb), channels=["lexical"])
+    summary = evaluate_generation(pipe, items, kb.embedder, k=2, num_inference_steps=STEPS, seed=5)
+    assert set(summary["per_guidance"]) == {"cfg", "joint", "interleaved"}
+    # recompute one guidance by hand: same references, same seed
+    refs = [h.record.open_image() for h in pipe("a Chortai dog", k=2, num_inference_steps=STEPS, seed=5).references]
+    joint = pipe("a Chortai dog", references=refs, guidance="joint", num_inference_steps=STEPS, seed=5).images[0]
+    v = kb.embedder.embed_images([joint])[0]
+    t = kb.embedder.embed_texts(["a Chortai dog"])[0]
+    h = kb.embedder.embed_images([Image.open(held).convert("RGB")])[0]
+    got = summary["per_guidance"]["joint"]["per_bucket"]["rare"]
+    assert got["clip_t"] == pytest.approx(float(v @ t), abs=1e-5) and got["clip_i"] == pytest.approx(float(v @ h), abs=1e-5)
+    # the guidances really differ (same seed, same references)
+    assert summary["per_guidance"]["cfg"]["clip_i"] != summary["per_guidance"]["joint"]["clip_i"]
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(f"embedder:\n  model: tiny:clip\ndiffusion:\n  model: tiny:sd\n  ip_adapter: tiny:ip-adapter\n"
+                   f"draw:\n  channels: [lexical]\ntiny_models:\n  cache_dir: {tiny_models_dir}\n")
+    code = main(["eval", "generation", "--kb", str(kb.path), "--prompts", str(prompts), "--config", str(cfg),
+                 "--steps", "2", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["n_prompts"] == 1 and set(out["per_guidance"]) == {"cfg", "joint", "interleaved"}
