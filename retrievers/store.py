@@ -42,6 +42,7 @@ class ImageStore:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         self._tmp = self.root / ".tmp"
+        self._made: set[str] = set()  # folders known to exist (saves a syscall per image)
 
     def relpath(self, sha256: str, ext: str) -> str:
         return f"{sha256[:2]}/{sha256}{ext}"
@@ -52,14 +53,20 @@ class ImageStore:
     def put(self, data: bytes, sha256: str, ext: str) -> str:
         """Store ``data`` (idempotent) and return its path relative to the store root."""
         rel = self.relpath(sha256, ext)
-        final = self.root / rel
-        if final.exists():
+        final = os.path.join(self.root, rel)
+        if os.path.exists(final):
             return rel
-        final.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp.mkdir(parents=True, exist_ok=True)
-        tmp = self._tmp / f"{uuid.uuid4().hex}{ext}"
-        with open(tmp, "wb") as f:
-            f.write(data)
+        folder = os.path.dirname(final)
+        if folder not in self._made:
+            os.makedirs(folder, exist_ok=True)
+            os.makedirs(self._tmp, exist_ok=True)
+            self._made.add(folder)
+        tmp = os.path.join(self._tmp, uuid.uuid4().hex + ext)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
         os.replace(tmp, final)
         return rel
 
