@@ -1,7 +1,14 @@
 """Generators: the VLM answerer and the reference-grounded diffusion generator (see ARCHITECTURE.md)."""
 
 from generators.diffusion import CALLBACK_TENSOR_INPUTS, SCHEDULERS, GenerationOutput, ReferenceDiffusionGenerator
-from generators.errors import GenerationError, GeneratorLoadError, GeneratorsError, GuidanceError
+from generators.errors import (
+    ContextLengthError,
+    GenerationError,
+    GeneratorLoadError,
+    GeneratorsError,
+    GuidanceError,
+    UnsupportedModelError,
+)
 from generators.guidance import (
     GUIDANCES,
     ROWS,
@@ -12,13 +19,18 @@ from generators.guidance import (
     Row,
     guidance_from_config,
 )
+from generators.vlm import AnswerOutput, AnswerStream, ChoiceOutput, Reference, VLMAnswerer, parse_citations
 
 __all__ = [
+    "AnswerOutput",
+    "AnswerStream",
     "CALLBACK_TENSOR_INPUTS",
     "GUIDANCES",
     "ROWS",
     "SCHEDULERS",
+    "ChoiceOutput",
     "ClassifierFreeGuidance",
+    "ContextLengthError",
     "GenerationError",
     "GenerationOutput",
     "GeneratorLoadError",
@@ -27,7 +39,11 @@ __all__ = [
     "GuidanceError",
     "InterleavedGuidance",
     "JointGuidance",
+    "Reference",
     "ReferenceDiffusionGenerator",
     "Row",
+    "UnsupportedModelError",
+    "VLMAnswerer",
     "guidance_from_config",
+    "parse_citations",
 ]

@@ -44,6 +44,7 @@ from diffusers import (
 from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 
+from generators.dtypes import parse_dtype
 from generators.errors import GenerationError, GeneratorLoadError
 from generators.guidance import Guidance, Row, guidance_from_config
 from prompts import render
@@ -59,7 +60,6 @@ OUTPUT_TYPES = ("pil", "np", "latent")
 # What a step callback may ask for: the latents after the step (which it may replace) and the guided
 # noise prediction that made them (read only).
 CALLBACK_TENSOR_INPUTS = ("latents", "noise_pred")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # Which conditions each guidance row keeps: (text, reference).
 _KEEPS: dict[Row, tuple[bool, bool]] = {
@@ -145,10 +145,7 @@ class ReferenceDiffusionGenerator:
         if scheduler is not None and scheduler not in SCHEDULERS:
             raise GenerationError(f"`scheduler` must be one of {', '.join(map(repr, SCHEDULERS))} or None "
                                   f"(the model's own), got {scheduler!r}.")
-        if isinstance(dtype, str):
-            if dtype not in DTYPES:
-                raise GenerationError(f"`dtype` must be one of {', '.join(map(repr, DTYPES))}, got {dtype!r}.")
-            dtype = DTYPES[dtype]
+        dtype = parse_dtype(dtype)
         _check_scale("ip_adapter_scale", ip_adapter_scale)
         self.model = str(model)
         self.ip_adapter = str(ip_adapter)

@@ -10,6 +10,8 @@ Layout under ``directory`` (the IP-Adapter mirrors the h94/IP-Adapter repository
     clip/         CLIPModel + CLIPProcessor
     siglip/       SiglipModel + SiglipProcessor
     llava/        LlavaForConditionalGeneration + LlavaProcessor (chat template included)
+    idefics3/     Idefics3ForConditionalGeneration + Idefics3Processor: a second VLM family, with its own
+                  image tokens, pixel-shuffle connector and chat template
     sd/           StableDiffusionPipeline (32-px images)
     ip-adapter/models/ip-adapter_sd15.safetensors + ip-adapter/models/image_encoder/
     blip-itm/     BlipForImageTextRetrieval + BlipProcessor (image-text matching head, for reranking)
@@ -48,6 +50,11 @@ from transformers import (
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
     GenerationConfig,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    Idefics3ImageProcessorPil,
+    Idefics3Processor,
+    Idefics3VisionConfig,
     LlamaConfig,
     LlamaTokenizer,
     LlavaConfig,
@@ -62,7 +69,7 @@ from transformers import (
 
 from retrievers.errors import ConfigError
 
-TINY_MODEL_NAMES = ("clip", "siglip", "llava", "sd", "ip-adapter", "blip-itm")
+TINY_MODEL_NAMES = ("clip", "siglip", "llava", "idefics3", "sd", "ip-adapter", "blip-itm")
 DUAL_ENCODER_FAMILIES = ("clip", "siglip")
 DUAL_ENCODER_SIZES = ("tiny", "base")
 
@@ -124,6 +131,16 @@ _LLAVA_CHAT_TEMPLATE = (
     "{%- if message['role'] == 'assistant' %}{{ eos_token }}{% endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif -%}"
+)
+
+# Idefics3-8B-Llama3's conversation format ("User:<image>What is this?<end_of_utterance>\nAssistant: A
+# cat.<end_of_utterance>\n"), with the tokenizer's BOS in place of Llama 3's literal "<|begin_of_text|>".
+_IDEFICS3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{ line['text'] }}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
 
 
@@ -294,6 +311,37 @@ def _build_llava(target: pathlib.Path) -> None:
     processor.save_pretrained(target)
 
 
+# ------------------------------------------------------------------------------------------ Idefics3
+def _build_idefics3(target: pathlib.Path) -> None:
+    tokenizer = _llama_tokenizer()
+    # Idefics3's specials: each image reads <fake_token_around_image><global-img><image>...<image>
+    # <fake_token_around_image>, and every turn ends with <end_of_utterance>.
+    tokenizer.add_special_tokens({"additional_special_tokens": [
+        "<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]})
+    image_size, scale_factor = _TINY["vision"]["image_size"], 2
+    # 3-px patches: a 10 x 10 grid, which the pixel shuffle (scale factor 2) folds into 25 image tokens.
+    vision = Idefics3VisionConfig(**(_TINY["vision"] | {"patch_size": 3}))
+    text_config = LlamaConfig(**(_TINY["text"] | {"max_position_embeddings": 512}), vocab_size=len(tokenizer),
+                              **_special_ids(tokenizer))
+    config = Idefics3Config(vision_config=vision, text_config=text_config, scale_factor=scale_factor,
+                            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                            pad_token_id=tokenizer.pad_token_id)
+    model = Idefics3ForConditionalGeneration(config)
+    # A reply ends with <end_of_utterance>, so generation stops there as well as at </s>.
+    end_of_utterance = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
+    model.generation_config = GenerationConfig(
+        do_sample=False, **(_special_ids(tokenizer) | {"eos_token_id": [tokenizer.eos_token_id, end_of_utterance]}))
+    # No image splitting: at 30 px a split adds only tiles of the same size, so every image becomes one
+    # 30 x 30 tile (real checkpoints split large images into 364-px tiles plus a global view).
+    image_processor = Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": image_size},
+                                                max_image_size={"longest_edge": image_size})
+    image_seq_len = (image_size // vision.patch_size) ** 2 // scale_factor**2
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=image_seq_len,
+                                  chat_template=_IDEFICS3_CHAT_TEMPLATE)
+    model.save_pretrained(target)
+    processor.save_pretrained(target)
+
+
 # ---------------------------------------------------------------------------------- Stable Diffusion
 # Two resolution levels with cross-attention in the lower one: 16-px latents, 32-px images (the VAE
 # halves once). The IP-Adapter builder derives its per-layer shapes from this same config.
@@ -389,6 +437,7 @@ def _build_blip_itm(target: pathlib.Path) -> None:
 # ------------------------------------------------------------------------------------------- public
 _BUILDERS: dict[str, Callable[[pathlib.Path], None]] = {
     "llava": _build_llava,
+    "idefics3": _build_idefics3,
     "sd": _build_sd,
     "ip-adapter": _build_ip_adapter,
     "blip-itm": _build_blip_itm,

@@ -277,3 +277,32 @@ def test_base_dual_encoder_has_the_vit_b32_shape(tmp_path):
     assert (vision.patch_size, vision.image_size) == (32, 224)
     assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads) == (512, 12, 8)
     assert config.projection_dim == 512
+
+
+def test_idefics3_wraps_each_image_in_its_own_tokens_and_stops_at_end_of_utterance(tiny_models, images):
+    model = AutoModelForImageTextToText.from_pretrained(tiny_models["idefics3"], use_safetensors=True)
+    processor = AutoProcessor.from_pretrained(tiny_models["idefics3"])
+    assert type(model).__name__ == "Idefics3ForConditionalGeneration"
+    assert type(processor.image_processor).__name__ == "Idefics3ImageProcessorPil"  # no torchvision needed
+    messages = [{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": "Compare with"}, {"type": "image"}, {"type": "image"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert prompt == "<s>User:<image>Compare with<image><image><end_of_utterance>\nAssistant:"
+
+    # The template writes the BOS itself, as apply_chat_template(tokenize=True) knows.
+    inputs = processor(images=images, text=prompt, add_special_tokens=False, return_tensors="pt")
+    assert inputs["pixel_values"].shape == (1, 3, 3, 30, 30)  # (prompts, images, ...): one 30-px tile each
+    vision = model.config.vision_config
+    tokens_per_image = (vision.image_size // vision.patch_size) ** 2 // model.config.scale_factor**2
+    tokens = processor.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
+    around = "<fake_token_around_image>"
+    wrapped = [around, "<global-img>"] + ["<image>"] * tokens_per_image + [around]
+    start = tokens.index("<fake_token_around_image>")
+    assert tokens[start : start + len(wrapped)] == wrapped
+    assert tokens.count("<image>") == 3 * tokens_per_image == 75
+
+    end_of_utterance = processor.tokenizer.convert_tokens_to_ids("<end_of_utterance>")
+    assert end_of_utterance in model.generation_config.eos_token_id
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=5)
+    assert torch.equal(output[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
