@@ -56,23 +56,34 @@ def references(n_images: int) -> list[Reference]:
     return with_images + [Reference("A text-only reference about cats and dogs.", score=0.01)]
 
 
-def build_small_llava(tokenizer_from: Path, target: Path, device: torch.device) -> Path:
+# A mid-size model for CPU runs: CLIP ViT-B/16 at 224 px (196 tokens per image), a 12-layer 768-wide LM.
+MID_VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                  image_size=224, patch_size=16)
+MID_TEXT = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                num_key_value_heads=12, max_position_embeddings=4096)
+SHAPES = {"small": (SMALL_VISION, SMALL_TEXT), "mid": (MID_VISION, MID_TEXT)}
+
+
+def build_small_llava(tokenizer_from: Path, target: Path, device: torch.device, shape: str = "small",
+                      dtype: torch.dtype = torch.bfloat16) -> Path:
     """A random LLaVA-1.5-shaped model with the tiny LLaVA's tokenizer and chat template."""
+    vision, text = SHAPES[shape]
+    size, patch = vision["image_size"], vision["patch_size"]
     tiny = AutoProcessor.from_pretrained(tokenizer_from)
     tokenizer = tiny.tokenizer
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id)
-    config = LlavaConfig(vision_config=CLIPVisionConfig(**SMALL_VISION),
-                         text_config=LlamaConfig(**SMALL_TEXT, vocab_size=len(tokenizer), **ids),
+    config = LlavaConfig(vision_config=CLIPVisionConfig(**vision),
+                         text_config=LlamaConfig(**text, vocab_size=len(tokenizer), **ids),
                          image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-                         image_seq_length=(336 // 14) ** 2, vision_feature_select_strategy="default",
+                         image_seq_length=(size // patch) ** 2, vision_feature_select_strategy="default",
                          vision_feature_layer=-2)
     with torch.device(device):  # random init on the GPU where there is one: seconds, not minutes
-        model = LlavaForConditionalGeneration(config).to(torch.bfloat16)
+        model = LlavaForConditionalGeneration(config).to(dtype)
     model.generation_config.update(do_sample=False, **ids)
     model.save_pretrained(target)
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
-    LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
                    vision_feature_select_strategy="default", num_additional_image_tokens=1,
                    chat_template=tiny.chat_template).save_pretrained(target)
     return target

@@ -173,6 +173,16 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _quiet_diffusers() -> None:
+    """Same for diffusers, imported only by the commands that draw (it is slow to import)."""
+    if os.environ.get("MMRAG_DEBUG"):
+        return
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+
+
 def _config(args, **overrides: Any):
     from .config import load_config
 
@@ -313,6 +323,7 @@ def _cmd_draw(args) -> int:
     from .draw import EntityImagePipeline, contact_sheet
     from .report import render_drawing, write_report
 
+    _quiet_diffusers()
     if args.kb is None and not args.reference:
         raise ConfigError("Give --kb DIR to retrieve references, or --reference IMAGE (repeatable).")
     references = [Query.coerce(Query(image=r)).image for r in args.reference] if args.reference else None
@@ -354,6 +365,7 @@ def _cmd_eval(args) -> int:
         from .draw import EntityImagePipeline
         from .evaluation import evaluate_generation, generation_table, load_generation_prompts
 
+        _quiet_diffusers()
         items = load_generation_prompts(args.prompts)
         cfg = _config(args, **{"kb.path": args.kb, "kb.url": args.url, "draw.k": args.k,
                                "draw.num_inference_steps": args.steps})
@@ -398,6 +410,7 @@ def _cmd_tiny_models(args) -> int:
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
+    _quiet_diffusers()
     cfg = _config(args) if args.config else _config(argparse.Namespace(config="tiny"))
     run_demo(cfg, Path(args.out))
     return 0

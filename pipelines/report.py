@@ -25,8 +25,17 @@ h1{font-size:1.4rem}h2{font-size:1.1rem;margin-top:2rem}
 .hits{display:grid;grid-template-columns:repeat(auto-fill,minmax(180px,1fr));gap:1rem}
 .hit{border:1px solid #ddd;border-radius:6px;padding:.5rem;font-size:.85rem}
 .hit img,.query img{width:160px;height:160px;object-fit:contain;background:#f4f4f4;display:block}
-.scores{color:#555;font-family:monospace;font-size:.75rem;white-space:pre-wrap}
+.scores{color:#555;font-family:monospace;font-size:.75rem;white-space:pre-wrap;word-break:break-all}
 """
+
+
+# Our only script: once the page has loaded, count images that failed to decode, so that a
+# headless browser's DOM dump tells whether the report is whole (see tests/test_report_browser.py).
+_CHECK_IMAGES = (
+    "window.addEventListener('load',function(){var im=Array.prototype.slice.call(document.images);"
+    "document.body.setAttribute('data-images',im.length);"
+    "document.body.setAttribute('data-broken',im.filter(function(i){return !i.complete||i.naturalWidth===0;}).length);});"
+)
 
 
 def image_data_uri(image: Image.Image | str | os.PathLike, size: int = 160) -> str:
@@ -80,7 +89,8 @@ def write_report(path: str | os.PathLike, title: str, sections: Iterable[str], n
     path.parent.mkdir(parents=True, exist_ok=True)
     note_html = f'<p class="note">{_esc(note)}</p>' if note else ""
     page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>'
-            f"<style>{_CSS}</style></head><body><h1>{_esc(title)}</h1>{note_html}{''.join(sections)}</body></html>")
+            f"<style>{_CSS}</style></head><body><h1>{_esc(title)}</h1>{note_html}{''.join(sections)}"
+            f"<script>{_CHECK_IMAGES}</script></body></html>")
     path.write_text(page, encoding="utf-8")
     return path
 
