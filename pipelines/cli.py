@@ -259,7 +259,17 @@ def _cmd_search(args) -> int:
                            "retriever.channels": args.channels, "retriever.composed_method": args.composed,
                            "retriever.hubness": args.hubness, "reranker.name": args.rerank})
     kb = open_knowledge_base(cfg, create=False)
-    retriever = build_retriever(cfg, kb, reranker=build_reranker(cfg))
+    captioner = rewriter = None
+    needs_vlm = query.image is not None and query.text is not None and (
+        cfg.retriever.composed_method == "cirevl"
+        or (cfg.retriever.composed_method == "pdv" and query.reference_text is None))
+    if needs_vlm:  # the VLM of the config captions the image and rewrites the caption
+        from .components import build_answerer, vlm_captioner, vlm_rewriter
+
+        answerer = build_answerer(cfg)
+        captioner, rewriter = vlm_captioner(answerer), vlm_rewriter(answerer)
+        rewriter = rewriter if cfg.retriever.composed_method == "cirevl" else None
+    retriever = build_retriever(cfg, kb, reranker=build_reranker(cfg), captioner=captioner, rewriter=rewriter)
     hits = retriever.retrieve(query, k=args.k, where=where)
     if args.html:
         note = TINY_NOTE if uses_tiny_models(cfg, kb) else None

@@ -111,3 +111,25 @@ def build_generator(config: Config):
                                        image_encoder_folder=d.image_encoder_folder, ip_adapter_scale=d.ip_adapter_scale,
                                        scheduler=d.scheduler, guidance=config.draw.guidance, device=d.device,
                                        dtype=d.dtype)
+
+
+def vlm_captioner(answerer):
+    """CIReVL's captioner (and PDV's reference description) from a VLM: image -> one sentence."""
+    from prompts import render
+
+    instruction = render("cirevl_caption")
+    return lambda image: answerer.answer(instruction, image=image).text.strip()
+
+
+def vlm_rewriter(answerer):
+    """CIReVL's rewrite step from a VLM: (caption, modifier) -> the edited description."""
+    from prompts import render
+
+    def rewrite(caption: str, modifier: str) -> str:
+        text = answerer.answer(render("cirevl_rewrite", caption=caption, modifier=modifier)).text
+        for line in text.splitlines():
+            if line.strip().lower().startswith("edited description:"):
+                return line.split(":", 1)[1].strip()
+        return text.strip()
+
+    return rewrite

@@ -108,3 +108,31 @@ def test_search_table_json_html_and_eval(tmp_path, tiny_config, capsys):
     report = json.loads(out)
     assert code == 0 and report["n_queries"] == 1 and report["per_channel"]["lexical"]["recall@1"] == 1.0
     assert set(report["per_channel"]) == {"text_to_image", "text_to_text", "lexical"}
+
+
+def test_done_when_200_good_20_bad_then_rerun(tmp_path, tiny_config, capsys):
+    """Issue #2's acceptance: 200 good + 20 bad files -> 200 added, 20 rejected with reasons; again -> 0 added."""
+    src = tmp_path / "src"
+    make_good_images(src, 200, seed=9)
+    rejects = []
+    for copy in ("bad1", "bad2"):
+        for rel, outcome in make_bad_corpus(src / copy).items():
+            if outcome.startswith("accept:"):  # tricky-but-valid images: not part of this count
+                (src / copy / rel).unlink()
+                for side in (".txt", ".json"):
+                    (src / copy / rel).with_suffix(side).unlink(missing_ok=True)
+            else:
+                rejects.append(f"{copy}/{rel}")
+    assert len(rejects) == 20
+    kb = tmp_path / "kb"
+    code, out, _ = _run(capsys, "ingest", src, "--kb", kb, "--config", tiny_config, "--json")
+    first = json.loads(out)
+    assert code == 0 and (first["added"], first["rejected"]) == (200, 20)
+    reasons = [json.loads(x) for x in Path(first["report"]).read_text().splitlines()[1:]]
+    assert sorted(r["ref"] for r in reasons) == sorted(rejects) and all(r["reason"] for r in reasons)
+    code, out, _ = _run(capsys, "ingest", src, "--kb", kb, "--config", tiny_config, "--json")
+    again = json.loads(out)
+    assert (again["added"], again["existing"], again["rejected"]) == (0, 200, 20)
+    code, out, _ = _run(capsys, "kb", "info", "--kb", kb, "--json")
+    info = json.loads(out)
+    assert (info["count"], info["image_vectors"], info["text_vectors"], info["images_stored"]) == (200, 200, 200, 200)

@@ -208,3 +208,35 @@ def test_eval_vqa_three_settings(tmp_path, kb, tiny_config, capsys):
     # the multiple-choice item is scored by exact choice, the free one by VQA soft accuracy
     mc = [r for r in rows if r["line"] == 2]
     assert all(r["score"] == float(r["prediction"] == "1889") for r in mc)
+
+
+def test_cirevl_with_a_vlm_captioner_and_rewriter(kb, answerer, tmp_path, tiny_config, capsys):
+    from pipelines.components import vlm_captioner, vlm_rewriter
+
+    captioner, rewriter = vlm_captioner(answerer), vlm_rewriter(answerer)
+    retriever = MultimodalRetriever(kb, near_duplicate_threshold=None, captioner=captioner, rewriter=rewriter)
+    image = _image(4)
+    hits = retriever.retrieve(Query(text="make it red", image=image), k=3, channels=["composed"],
+                              composed_method="cirevl")
+    edited = rewriter(captioner(image), "make it red").strip() or "make it red"  # greedy: the same text again
+    expected = retriever.retrieve(Query(text=edited), k=3, channels=["text_to_image"])
+    assert [h.id for h in hits] == [h.id for h in expected]
+    # and from the command line, with the config's VLM
+    img = tmp_path / "q.png"
+    image.save(img)
+    code = main(["search", "make it red", "--image", str(img), "--kb", str(kb.path), "--composed", "cirevl",
+                 "--channels", "composed", "-k", "3", "--json", "--config", str(tiny_config)])
+    assert code == 0 and [h["id"] for h in json.loads(capsys.readouterr().out)] == [h.id for h in expected]
+
+
+def test_rewriter_keeps_the_edited_description_line():
+    from pipelines.components import vlm_rewriter
+
+    class Fixed:  # the parsing under test, fed a known answer
+        def answer(self, question, image=None):
+            from generators import AnswerOutput
+
+            return AnswerOutput(text="Sure.\nEdited Description: a red square on grey", cited=[], references=[],
+                                dropped=[], prompt=question, num_image_tokens=0, timings={})
+
+    assert vlm_rewriter(Fixed())("a blue square", "make it red") == "a red square on grey"
