@@ -133,3 +133,32 @@ def vlm_rewriter(answerer):
         return text.strip()
 
     return rewrite
+
+
+def retrieve_and_rerank(retriever, reranker, query, k: int, *, where=None, rerank: bool = True,
+                        channels=None, rerank_query=None, timings: dict | None = None) -> list:
+    """The shared retrieve -> rerank stages of the pipelines: ``k`` hits for ``query``.
+
+    With a reranker, ``retriever.settings.rerank_candidates`` candidates are fetched and reranked
+    against ``rerank_query`` (default ``query``). An empty KB is an error that says what to do.
+    Stage seconds go into ``timings`` ("retrieve", "rerank").
+    """
+    import time
+
+    from retrievers import KnowledgeBaseError
+
+    kb = retriever.kb
+    if kb.count() == 0:
+        raise KnowledgeBaseError(f"The knowledge base at {str(kb.path)!r} is empty: ingest records first "
+                                 "(mmrag ingest SOURCE --kb DIR), or pass references.")
+    timings = {} if timings is None else timings
+    use_reranker = rerank and reranker is not None
+    n = max(k, retriever.settings.rerank_candidates) if use_reranker else k
+    t = time.perf_counter()
+    hits = retriever.retrieve(query, k=n, where=where, **({"channels": channels} if channels else {}))
+    timings["retrieve"] = timings.get("retrieve", 0.0) + time.perf_counter() - t
+    if use_reranker and hits:
+        t = time.perf_counter()
+        hits = reranker.rank(query if rerank_query is None else rerank_query, hits, top_k=k)
+        timings["rerank"] = time.perf_counter() - t
+    return hits[:k]

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 from PIL import Image
 
 from generators import GenerationOutput, ReferenceDiffusionGenerator
-from retrievers import ConfigError, Hit, KnowledgeBaseError, MultimodalRetriever, Query, Record
+from retrievers import ConfigError, Hit, MultimodalRetriever, Query, Record
 
 from .config import Config, load_config
 
@@ -124,20 +124,10 @@ class EntityImagePipeline:
         return guidance_from_config(guidance, **{k: v for k, v in params.items() if k in fields and v is not None})
 
     def _retrieve(self, prompt: str, k: int, where, rerank: bool, timings: dict[str, float]) -> list[Hit]:
-        kb = self.retriever.kb
-        if kb.count() == 0:
-            raise KnowledgeBaseError(f"The knowledge base at {str(kb.path)!r} is empty: ingest records first "
-                                     "(mmrag ingest SOURCE --kb DIR), or pass references.")
-        use_reranker = rerank and self.reranker is not None
-        n = max(k, self.retriever.settings.rerank_candidates) if use_reranker else k
-        t = time.perf_counter()
-        hits = self.retriever.retrieve(Query(text=prompt), k=n, where=where, channels=self.channels)
-        timings["retrieve"] = time.perf_counter() - t
-        if use_reranker and hits:
-            t = time.perf_counter()
-            hits = self.reranker.rank(Query(text=prompt), hits, top_k=k)
-            timings["rerank"] = time.perf_counter() - t
-        return hits[:k]
+        from .components import retrieve_and_rerank
+
+        return retrieve_and_rerank(self.retriever, self.reranker, Query(text=prompt), k, where=where, rerank=rerank,
+                                   channels=self.channels, timings=timings)
 
 
 def contact_sheet(references: Sequence[Image.Image], results: Sequence[Image.Image], height: int = 256) -> Image.Image:

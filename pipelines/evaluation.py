@@ -70,12 +70,14 @@ def mean_metrics(rows: Iterable[dict[str, float]]) -> dict[str, float]:
     return {m: sum(r[m] for r in rows) / len(rows) for m in rows[0]} if rows else {}
 
 
-# ---------------------------------------------------------------------------- evaluation
-def load_queries(path: str | Path) -> list[EvalQuery]:
+
+def _jsonl(path: str | Path, argument: str):
+    """``(line number, object, "file:line")`` for each non-blank line of a JSONL file; errors name
+    the file and line."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"`--queries` {str(path)!r} does not exist; pass a JSONL file of queries.")
-    out = []
+        raise ConfigError(f"`{argument}` {str(path)!r} does not exist; pass a JSONL file.")
+    found = False
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
@@ -83,19 +85,28 @@ def load_queries(path: str | Path) -> list[EvalQuery]:
             obj = json.loads(line)
         except ValueError as e:
             raise ConfigError(f"{path}:{n} is not valid JSON ({e}).") from None
+        found = True
+        yield n, obj, f"{path}:{n}"
+    if not found:
+        raise ConfigError(f"{path} holds no lines.")
+
+
+# ---------------------------------------------------------------------------- evaluation
+def load_queries(path: str | Path) -> list[EvalQuery]:
+    path = Path(path)
+    out = []
+    for n, obj, where in _jsonl(path, "--queries"):
         relevant = obj.get("relevant") if isinstance(obj, dict) else None
         if not isinstance(relevant, list) or not relevant or not all(isinstance(r, str) for r in relevant):
-            raise ConfigError(f"{path}:{n}: `relevant` must be a non-empty list of record ids, got {relevant!r}.")
+            raise ConfigError(f"{where}: `relevant` must be a non-empty list of record ids, got {relevant!r}.")
         image = obj.get("image")
         if image is not None:
             image = Path(image) if Path(image).is_absolute() else path.parent / image
         try:
             query = Query.coerce(Query(text=obj.get("text"), image=image))
         except ConfigError as e:
-            raise ConfigError(f"{path}:{n}: {e}") from None
+            raise ConfigError(f"{where}: {e}") from None
         out.append(EvalQuery(query, set(relevant), str(obj.get("category", "all")), n))
-    if not out:
-        raise ConfigError(f"{path} holds no queries.")
     return out
 
 
@@ -186,17 +197,8 @@ def load_vqa_dataset(path: str | Path) -> list[VQAItem]:
     """JSONL lines: ``image``, ``question``, ``answers`` (list) or ``choices`` + ``answer``,
     optional ``gold_ids`` (reference record ids) and ``category``."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"`--dataset` {str(path)!r} does not exist; pass a JSONL file.")
     items = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError as e:
-            raise ConfigError(f"{path}:{n} is not valid JSON ({e}).") from None
-        where = f"{path}:{n}"
+    for n, obj, where in _jsonl(path, "--dataset"):
         if not isinstance(obj, dict) or not isinstance(obj.get("question"), str) or not obj["question"].strip():
             raise ConfigError(f"{where}: needs a non-empty `question`.")
         choices, answers = obj.get("choices"), obj.get("answers", obj.get("answer"))
@@ -213,8 +215,6 @@ def load_vqa_dataset(path: str | Path) -> list[VQAItem]:
                 raise ConfigError(f"{where}: image {str(image)!r} does not exist.")
         items.append(VQAItem(obj["question"], image, answers, choices, obj.get("answer") if choices else None,
                              list(obj.get("gold_ids", [])), str(obj.get("category", "all")), n))
-    if not items:
-        raise ConfigError(f"{path} holds no questions.")
     return items
 
 
@@ -292,17 +292,8 @@ def load_generation_prompts(path: str | Path) -> list[GenerationItem]:
     """JSONL lines: ``prompt``, ``entity``, ``images`` (held-out image paths, relative to the file),
     optional ``bucket`` (e.g. "frequent" / "rare", EntityDrawBench style)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"`--prompts` {str(path)!r} does not exist; pass a JSONL file.")
     items = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError as e:
-            raise ConfigError(f"{path}:{n} is not valid JSON ({e}).") from None
-        where = f"{path}:{n}"
+    for n, obj, where in _jsonl(path, "--prompts"):
         if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
             raise ConfigError(f"{where}: needs a non-empty `prompt`.")
         images = obj.get("images")
@@ -313,8 +304,6 @@ def load_generation_prompts(path: str | Path) -> list[GenerationItem]:
         if missing:
             raise ConfigError(f"{where}: images {missing} do not exist.")
         items.append(GenerationItem(obj["prompt"], str(obj.get("entity", "")), paths, str(obj.get("bucket", "all")), n))
-    if not items:
-        raise ConfigError(f"{path} holds no prompts.")
     return items
 
 

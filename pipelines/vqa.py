@@ -16,7 +16,7 @@ from typing import Any, Iterator, Mapping, Sequence
 from PIL import Image
 
 from generators.vlm import AnswerOutput, Reference, VLMAnswerer
-from retrievers import ConfigError, Hit, KnowledgeBaseError, MultimodalRetriever, Query, Record
+from retrievers import ConfigError, Hit, MultimodalRetriever, Query, Record
 
 from .config import Config, load_config
 
@@ -173,27 +173,19 @@ class RAGVQAPipeline:
     # ------------------------------------------------------------------ retrieval
     def _retrieve(self, question: str, image: Image.Image | None, k: int, where, rerank: bool,
                   timings: dict[str, float]) -> list[Hit]:
-        kb = self.retriever.kb
-        if kb.count() == 0:
-            raise KnowledgeBaseError(f"The knowledge base at {str(kb.path)!r} is empty: ingest records first "
-                                     "(mmrag ingest SOURCE --kb DIR), or pass references.")
-        use_reranker = rerank and self.reranker is not None
-        n = max(k, self.retriever.settings.rerank_candidates) if use_reranker else k
+        from .components import retrieve_and_rerank
+
         t = time.perf_counter()
         text = question
-        if self.two_stage and image is not None:
+        if self.two_stage and image is not None and self.retriever.kb.count() > 0:
             # RoRA-VLM stage 1: the image alone finds the entity; its records' texts expand the question
             entities = self.retriever.retrieve(Query(image=image), k=self.expansion_k, where=where,
                                                channels=["image_to_image"])
             text = " ".join([question] + [h.record.text for h in entities])
-        hits = self.retriever.retrieve(Query(text=text, image=image), k=n, where=where,
-                                       **({"channels": self._channels(image)} if self._channels(image) else {}))
         timings["retrieve"] = time.perf_counter() - t
-        if use_reranker and hits:
-            t = time.perf_counter()
-            hits = self.reranker.rank(Query(text=question, image=image), hits, top_k=k)
-            timings["rerank"] = time.perf_counter() - t
-        return hits[:k]
+        return retrieve_and_rerank(self.retriever, self.reranker, Query(text=text, image=image), k, where=where,
+                                   rerank=rerank, channels=self._channels(image),
+                                   rerank_query=Query(text=question, image=image), timings=timings)
 
     def _channels(self, image) -> tuple[str, ...] | None:
         if self.channels is not None:
