@@ -198,8 +198,6 @@ class MultimodalRetriever:
         q = Query.coerce(query)
         where = validate_where(where)
         channels = self._channels_for(q, s)
-        if self.kb.count() == 0:
-            return []
         pool = _Pool(self.kb)
         # 1. embed the query once
         emb = self.kb.embedder
@@ -280,7 +278,8 @@ class MultimodalRetriever:
 
     def _dense(self, vec: np.ndarray, collection: str, n: int, where, pool: _Pool) -> list[tuple[str, float]]:
         col = self.kb.vectors.images if collection == "images" else self.kb.vectors.texts
-        res = col.query(query_embeddings=[vec], n_results=min(n, self.kb.count()), where=where,
+        # Chroma returns fewer than n_results when the collection (or the filter) holds fewer
+        res = col.query(query_embeddings=[vec], n_results=n, where=where,
                         include=["metadatas", "documents", "distances", "embeddings"])
         pool.absorb(collection, {k: res[k][0] for k in ("ids", "metadatas", "documents", "embeddings")})
         return [(rid, 1.0 - float(d)) for rid, d in zip(res["ids"][0], res["distances"][0])]
