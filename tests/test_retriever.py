@@ -323,3 +323,19 @@ def test_hnsw_recall_at_10_on_20k_records(tmp_path, tiny_clip):
         exact = set(np.array(ids)[np.argsort(-(vecs @ v))[:10]])
         recalls.append(len(exact & {h.id for h in r.retrieve(q, k=10)}) / 10)
     assert np.mean(recalls) >= 0.99, np.mean(recalls)
+
+
+def test_done_when_text_to_image_top10_equals_exact_search_on_2k_records(tmp_path, tiny_clip):
+    """Issue #3's acceptance: a 2k-record tiny KB, channels=["text_to_image"], top-10 == exact numpy."""
+    kb = KnowledgeBase.open(tmp_path / "kb", DualEncoder(tiny_clip))
+    rng = np.random.default_rng(5)
+    assert kb.add([Record(text=f"record {i} " + " ".join(rng.choice(WORDS, 3)), image=_image(rng))
+                   for i in range(2000)], batch_size=256).added == 2000
+    names = json.loads((kb.path / "mmrag-kb.json").read_text())["collections"]
+    raw = chromadb.PersistentClient(path=str(kb.path / "chroma"), settings=Settings(anonymized_telemetry=False))
+    got = raw.get_collection(names["images"], embedding_function=None).get(include=["embeddings"])
+    ids, vecs = got["ids"], np.asarray(got["embeddings"])
+    r = MultimodalRetriever(kb, channels=["text_to_image"], near_duplicate_threshold=None)
+    for q in ("a red star", "huge old dotted square", "record 7"):
+        exact, _ = topk(ids, list(vecs @ kb.embedder.embed_texts([q])[0]), 10)
+        assert [h.id for h in r.retrieve(q, k=10)] == exact
