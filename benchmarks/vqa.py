@@ -67,7 +67,8 @@ def main() -> None:
                               dtype=torch.float32)
     answerer = VLMAnswerer(llava, max_new_tokens=args.new_tokens, device="cpu").warm_up()
     answerer.model.generation_config.eos_token_id = None  # random weights: always generate new_tokens
-    retriever = MultimodalRetriever(kb, rerank_candidates=args.rerank_candidates)
+    # random weights put all noise images within cosine 0.95 of each other: keep near-duplicates
+    retriever = MultimodalRetriever(kb, rerank_candidates=args.rerank_candidates, near_duplicate_threshold=None)
     reranker = DualEncoderReranker(encoder)
     query = Image.fromarray(np.random.default_rng(9).integers(0, 256, (320, 320, 3), dtype=np.uint8))
 
