@@ -203,15 +203,37 @@ class MultimodalRetriever:
         emb = self.kb.embedder
         tv = emb.embed_texts([q.text])[0] if q.has_text else None
         iv = emb.embed_images([q.image])[0] if q.has_image else None
+        # A single prefix-stable channel (dense or lexical, ranked by RRF, no MMR, hubness or rerank)
+        # first fetches only 2k candidates: the near-duplicate walk keeps the same prefix whatever
+        # follows, so if k hits survive it the answer is exactly the full fetch's, at a fraction of
+        # the cost. Otherwise it fetches n_candidates.
+        prefix_stable = (len(channels) == 1 and channels[0] != "composed" and s.fusion == "rrf"
+                         and s.mmr_lambda is None and s.hubness is None and self.reranker is None)
+        sizes = [min(2 * k, s.n_candidates), s.n_candidates] if prefix_stable else [s.n_candidates]
+        for n in dict.fromkeys(sizes):
+            ids, scores, per_channel, exhausted = self._fused(q, tv, iv, channels, s, n, where, pool)
+            if len(ids) >= k or exhausted:
+                break
+        limit = max(k, s.rerank_candidates) if self.reranker is not None else k
+        hits = [Hit(id=rid, record=pool.record(rid), score=float(sc), rank=r,
+                    scores={c: per_channel[c][rid] for c in channels if rid in per_channel[c]})
+                for r, (rid, sc) in enumerate(zip(ids[:limit], scores[:limit]), start=1)]
+        # 5. rerank
+        if self.reranker is not None and hits:
+            hits = self.reranker.rank(q, hits, top_k=k)
+        return hits[:k]
+
+    def _fused(self, q: Query, tv, iv, channels: tuple[str, ...], s: RetrieverSettings, n: int, where,
+               pool: _Pool) -> tuple[list[str], np.ndarray, dict[str, dict[str, float]], bool]:
+        """Stages 2-4 with ``n`` candidates per channel: ids and scores after fusion and
+        post-processing, each channel's scores, and whether no channel had more to give."""
+        s = dataclasses.replace(s, n_candidates=n)
         # 2. run the channels
-        results: dict[str, list[tuple[str, float]]] = {}
-        for c in channels:
-            results[c] = self._run_channel(c, q, tv, iv, s, where, pool)
+        results = {c: self._run_channel(c, q, tv, iv, s, where, pool) for c in channels}
         # 3. fuse into one list per record id
         weights = {c: s.weights.get(c, 1.0) for c in channels}
         fused = (reciprocal_rank_fusion(results, weights, s.rrf_k) if s.fusion == "rrf"
-                 else weighted_score_fusion(results, weights))[: s.n_candidates]
-        per_channel = {c: dict(r) for c, r in results.items()}
+                 else weighted_score_fusion(results, weights))[:n]
         ids = [rid for rid, _ in fused]
         scores = np.array([sc for _, sc in fused])
         # 4. post-process: near-duplicate collapse, then optional MMR diversity
@@ -223,14 +245,8 @@ class MultimodalRetriever:
             if s.mmr_lambda is not None:
                 order = maximal_marginal_relevance(scores, image_vecs, len(ids), s.mmr_lambda)
                 ids, scores = [ids[i] for i in order], scores[order]
-        limit = max(k, s.rerank_candidates) if self.reranker is not None else k
-        hits = [Hit(id=rid, record=pool.record(rid), score=float(sc), rank=r,
-                    scores={c: per_channel[c][rid] for c in channels if rid in per_channel[c]})
-                for r, (rid, sc) in enumerate(zip(ids[:limit], scores[:limit]), start=1)]
-        # 5. rerank
-        if self.reranker is not None and hits:
-            hits = self.reranker.rank(q, hits, top_k=k)
-        return hits[:k]
+        exhausted = all(len(r) < n for r in results.values())
+        return ids, scores, {c: dict(r) for c, r in results.items()}, exhausted
 
     def refresh_hubness_banks(self, size: int | None = None, seed: int = 0) -> HubnessBanks:
         """(Re)sample the hubness banks from the KB now and store them beside it."""

@@ -339,3 +339,28 @@ def test_done_when_text_to_image_top10_equals_exact_search_on_2k_records(tmp_pat
     for q in ("a red star", "huge old dotted square", "record 7"):
         exact, _ = topk(ids, list(vecs @ kb.embedder.embed_texts([q])[0]), 10)
         assert [h.id for h in r.retrieve(q, k=10)] == exact
+
+
+def test_single_channel_short_fetch_equals_full_walk_when_duplicates_spill_over(tmp_path, tiny_clip):
+    """The 2k-candidate first fetch must give exactly the full fetch's answer, also when the
+    near-duplicate pass leaves fewer than k hits in it (then the retriever fetches n_candidates)."""
+    kb = KnowledgeBase.open(tmp_path / "kb", DualEncoder(tiny_clip))
+    rng = np.random.default_rng(11)
+    same = _image(rng)
+    kb.add([Record(id=f"d{i:02d}", text=f"red star copy {i}", image=same) for i in range(12)]
+           + [Record(id=f"u{i:02d}", text=f"blue ring number {i}", image=_image(rng)) for i in range(12)])
+    names = json.loads((kb.path / "mmrag-kb.json").read_text())["collections"]
+    raw = chromadb.PersistentClient(path=str(kb.path / "chroma"), settings=Settings(anonymized_telemetry=False))
+    t = raw.get_collection(names["texts"], embedding_function=None).get(include=["embeddings"])
+    i = raw.get_collection(names["images"], embedding_function=None).get(ids=t["ids"], include=["embeddings"])
+    image_of = dict(zip(i["ids"], np.asarray(i["embeddings"])))
+    q = "red star copy"
+    order, _ = topk(t["ids"], list(np.asarray(t["embeddings"]) @ kb.embedder.embed_texts([q])[0]), len(t["ids"]))
+    kept: list[str] = []
+    for rid in order:  # the greedy walk over the whole ranking, by hand
+        if all(image_of[rid] @ image_of[o] < 0.99999 for o in kept):
+            kept.append(rid)
+    r = MultimodalRetriever(kb, channels=["text_to_text"], near_duplicate_threshold=0.99999, n_candidates=24)
+    for k in (2, 4, 6):
+        assert [h.id for h in r.retrieve(q, k=k)] == kept[:k]
+    assert sum(x.startswith("d") for x in kept[:6]) == 1  # the twelve copies count once
