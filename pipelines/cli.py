@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--html", metavar="FILE", help="also write an HTML report")
 
-    ev = sub.add_parser("eval", help="evaluate retrieval or VQA").add_subparsers(dest="eval_command", required=True, metavar="WHAT")
+    ev = sub.add_parser("eval", help="evaluate retrieval, VQA or generation").add_subparsers(dest="eval_command", required=True, metavar="WHAT")
     p = ev.add_parser("generation", help="CLIP-T and CLIP-I for cfg / joint / interleaved, per bucket")
     _add_kb(p)
     _add_config(p)
@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="+", metavar="NAME", help="build only these")
     p.add_argument("--seed", type=int, default=0)
 
-    p = sub.add_parser("demo", help="build tiny models, ingest a generated sample set, show the knowledge base")
+    p = sub.add_parser("demo", help="search, ask and draw on a generated sample KB; writes an HTML report")
     _add_config(p)
     p.add_argument("--out", default="demo-out", metavar="DIR", help="output folder (default: demo-out)")
 
