@@ -61,7 +61,10 @@ MID_VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                   image_size=224, patch_size=16)
 MID_TEXT = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
                 num_key_value_heads=12, max_position_embeddings=4096)
-SHAPES = {"small": (SMALL_VISION, SMALL_TEXT), "mid": (MID_VISION, MID_TEXT)}
+# About 2B parameters: the ViT-L/14-336 tower (0.3B) and a 24-layer 2048-wide language model (1.6B).
+TWO_B_TEXT = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=16,
+                  num_key_value_heads=16, max_position_embeddings=8192)
+SHAPES = {"small": (SMALL_VISION, SMALL_TEXT), "mid": (MID_VISION, MID_TEXT), "2b": (SMALL_VISION, TWO_B_TEXT)}
 
 
 def build_small_llava(tokenizer_from: Path, target: Path, device: torch.device, shape: str = "small",
@@ -128,7 +131,7 @@ def bench(model_id: str, new_tokens: int, batch: int, rounds: int) -> list[tuple
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", action="append", help="model directory or Hub id (repeatable)")
-    parser.add_argument("--shape", choices=["small"], help="add a random LLaVA-1.5-shaped model")
+    parser.add_argument("--shape", choices=sorted(SHAPES), help="add a random LLaVA-1.5-shaped model of this size")
     parser.add_argument("--tokenizer-from", type=Path, help="tiny LLaVA directory for --shape (default: built)")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--batch", type=int, default=8)
@@ -146,7 +149,7 @@ def main() -> None:
             models = [str(tiny_llava), str(ensure_tiny_model("idefics3", cache))]
     if args.shape:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        models.append(str(build_small_llava(tiny_llava, cache / "llava-small", device)))
+        models.append(str(build_small_llava(tiny_llava, cache / f"llava-{args.shape}", device, shape=args.shape)))
 
     print(f"{machine()}; {torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}; "
           f"{args.new_tokens} new tokens, median of {args.rounds}\n")
