@@ -9,6 +9,7 @@ offline models (built into ``tiny_models.cache_dir`` on first use).
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -175,7 +176,7 @@ def load_config(source: str | os.PathLike | Mapping[str, Any] | Config | None = 
     elif source is None:
         data, where = {}, "defaults"
     elif isinstance(source, Mapping):
-        data, where = dict(source), "config"
+        data, where = copy.deepcopy(dict(source)), "config"  # overrides must not reach the caller's dict
     else:
         path = _find_config(source)
         where = str(path)

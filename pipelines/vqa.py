@@ -8,6 +8,7 @@ image with its text, labelled [1]..[k], then the question (MRAG-Bench's layout).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any, Iterator, Mapping, Sequence
 from PIL import Image
 
 from generators.vlm import AnswerOutput, Reference, VLMAnswerer
-from retrievers import ConfigError, Hit, MultimodalRetriever, Query, Record
+from retrievers import ConfigError, Hit, KnowledgeBaseError, MultimodalRetriever, Query, Record
 
 from .config import Config, load_config
 
@@ -166,6 +167,13 @@ class RAGVQAPipeline:
         gold = None
         if references is not None:
             gold = [_as_hit(r, i) for i, r in enumerate(references)]
+            for i, hit in enumerate(gold):  # open every given image now: a bad one fails before any work
+                if hit.record.image is not None:
+                    try:
+                        opened = _open(hit.record.image)
+                    except (OSError, ValueError) as e:
+                        raise ConfigError(f"`references[{i}]` has an unreadable image ({e}).") from None
+                    gold[i] = dataclasses.replace(hit, record=dataclasses.replace(hit.record, image=opened))
         elif self.retriever is None:
             raise ConfigError("This pipeline has no knowledge base: pass references=[...] (or build it with a KB).")
         return query_image, gold
@@ -197,10 +205,25 @@ class RAGVQAPipeline:
         return None
 
 
+def _open(image) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, bytes):
+        import io
+
+        image = io.BytesIO(image)
+    with Image.open(image) as im:
+        return im.convert("RGB")
+
+
 def _reference(hit: Hit) -> Reference:
     image = hit.record.image
     if image is not None and not isinstance(image, Image.Image):
-        image = hit.record.open_image()
+        try:
+            image = _open(image)
+        except OSError as e:
+            raise KnowledgeBaseError(f"Reference {hit.id!r}: its stored image {str(image)!r} cannot be read ({e}); "
+                                     "run `mmrag kb verify --kb DIR` to check the knowledge base.") from None
     return Reference(text=hit.record.text, image=image, score=hit.score, id=hit.id)
 
 

@@ -18,6 +18,7 @@ are masked out. Only the ANN candidates are rescored (the papers normalise the w
 from __future__ import annotations
 
 import json
+import os
 from typing import TYPE_CHECKING, Literal, Sequence
 
 import numpy as np
@@ -56,13 +57,19 @@ class HubnessBanks:
             res = col.get(ids=sample, include=["embeddings"])
             ids[modality] = np.asarray(res["ids"])
             vectors[modality] = np.asarray(res["embeddings"], dtype=np.float32)
-        meta = {"size": len(sample), "seed": seed, "revision": kb.revision}
-        np.savez(kb.path / _FILE, text_ids=ids["text"], text_vecs=vectors["text"], image_ids=ids["image"],
-                 image_vecs=vectors["image"], meta=np.asarray(json.dumps(meta)))
+        meta = {"size": size, "sampled": len(sample), "seed": seed, "revision": kb.revision}
+        tmp = kb.path / f".{_FILE}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:  # then renamed: a killed build never leaves a half-written file
+            np.savez(f, text_ids=ids["text"], text_vecs=vectors["text"], image_ids=ids["image"],
+                     image_vecs=vectors["image"], meta=np.asarray(json.dumps(meta)))
+        os.replace(tmp, kb.path / _FILE)
         return cls(ids, vectors, meta)
 
     @classmethod
     def load_or_build(cls, kb: "KnowledgeBase", size: int = 2048, seed: int = 0) -> "HubnessBanks":
+        """The stored banks; built when absent or sampled with another size or seed. They are a
+        sample, so records added later do not make them wrong; refresh them on demand
+        (``MultimodalRetriever.refresh_hubness_banks``) after the KB changed a lot."""
         path = kb.path / _FILE
         if not path.exists():
             return cls.build(kb, size, seed)
@@ -70,6 +77,8 @@ class HubnessBanks:
             ids = {"text": f["text_ids"], "image": f["image_ids"]}
             vectors = {"text": f["text_vecs"], "image": f["image_vecs"]}
             meta = json.loads(str(f["meta"]))
+        if (meta.get("size"), meta.get("seed")) != (size, seed):
+            return cls.build(kb, size, seed)
         return cls(ids, vectors, meta)
 
 

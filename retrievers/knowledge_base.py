@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
+from chromadb.errors import NotFoundError
 from filelock import FileLock, Timeout
 
 from . import __version__
@@ -136,7 +137,7 @@ class KnowledgeBase:
         manifest_path = path / MANIFEST_NAME
         if manifest_path.exists():
             manifest = _read_manifest(manifest_path)
-        elif path.is_file() or (path.is_dir() and any(path.iterdir())):
+        elif path.is_file() or (path.is_dir() and not _is_unfinished_creation(path)):
             raise NotAKnowledgeBaseError(
                 f"{str(path)!r} is not an mmrag knowledge base (no {MANIFEST_NAME}). "
                 "Pass the folder you ingested into, or an empty/new folder to create one."
@@ -164,6 +165,12 @@ class KnowledgeBase:
         url = url if url is not None else manifest.get("url")
         client = make_client(path / "chroma", None) if manifest["backend"] == "embedded" else make_client(None, url)
         is_new = not manifest_path.exists()
+        if is_new and manifest["backend"] == "embedded":
+            # a creation killed before its manifest left collections stamped for a KB that never
+            # was (records are only written after the manifest): drop them and start again
+            for name in manifest["collections"].values():
+                with contextlib.suppress(NotFoundError):
+                    client.delete_collection(name)
         vectors = VectorStore(
             client, manifest["collections"], create=is_new, hnsw=hnsw,
             collection_metadata={"mmrag_kb": manifest["kb_id"], "mmrag_embedder": manifest["embedder"]["model_id"]},
@@ -206,7 +213,7 @@ class KnowledgeBase:
 
     def get(self, ids: str | Sequence[str]) -> list[Record]:
         """The records with these ids, in the given order; ids not in the KB are left out."""
-        ids = [ids] if isinstance(ids, str) else list(ids)
+        ids = [ids] if isinstance(ids, str) else list(dict.fromkeys(ids))
         found = self.vectors.get(ids)
         return [self._record(i, *found[i]) for i in ids if i in found]
 
@@ -289,7 +296,7 @@ class KnowledgeBase:
 
         Returns the number of records deleted (ids not in the KB are ignored).
         """
-        ids = [ids] if isinstance(ids, str) else list(ids)
+        ids = [ids] if isinstance(ids, str) else list(dict.fromkeys(ids))
         with self._write_lock():
             found = self.vectors.get(ids, include=["metadatas"])
             if not found:
@@ -413,17 +420,20 @@ class KnowledgeBase:
     # ------------------------------------------------------------------ internals: journal
     @property
     def revision(self) -> str:
-        """Changes whenever records are written or deleted; derived indexes (lexical, hubness
-        banks) compare it with the revision they were built at."""
+        """Changes before and after records are written or deleted; the lexical index compares it
+        with the revision it was built at (a build that saw it change is not kept)."""
         try:
             return (self.path / _REVISION).read_text().strip()
         except FileNotFoundError:
             return "0"
 
+    def _bump_revision(self) -> None:
+        _write_json_atomic(self.path / _REVISION, uuid.uuid4().hex)
+
     def _journal(self, entry: dict, vectors: dict[str, np.ndarray] | None = None) -> None:
         if entry["op"] != "images":
-            # before the records change, so a crash can only leave derived indexes marked stale
-            _write_json_atomic(self.path / _REVISION, uuid.uuid4().hex)
+            # before the records change (a crash leaves derived indexes marked stale), and again after
+            self._bump_revision()
         if vectors is not None:
             # write through a temporary name: the json journal's presence means "complete"
             tmp = self.path / f".{_JOURNAL_VECTORS}.tmp"
@@ -454,6 +464,9 @@ class KnowledgeBase:
             self.vectors.delete(entry["ids"])
         elif op != "images":
             raise KnowledgeBaseError(f"Unknown journal operation {op!r} in {self.path / _JOURNAL}; remove the file by hand.")
+        if op != "images":
+            # again after the change: an index built while it was under way carries the earlier token
+            self._bump_revision()
         self._release(entry.get("release", []))
         (self.path / _JOURNAL).unlink()
         (self.path / _JOURNAL_VECTORS).unlink(missing_ok=True)
@@ -493,8 +506,8 @@ class KnowledgeBase:
         except Timeout:
             raise KnowledgeBaseLockedError(
                 f"The knowledge base at {str(self.path)!r} is being written by {self._holder()}; wait for it to "
-                "finish, or pass lock_timeout=SECONDS (--lock-timeout) to wait. Embedded Chroma takes one writer "
-                "at a time; use a Chroma server for many."
+                "finish, or pass lock_timeout=SECONDS (--lock-timeout) to wait: writes to a knowledge base "
+                "take turns."
             ) from None
         try:
             _write_json_atomic(self.path / _HOLDER, {
@@ -518,6 +531,11 @@ class KnowledgeBase:
 # ---------------------------------------------------------------------------- helpers
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _is_unfinished_creation(path: Path) -> bool:
+    """An empty folder, or one a creation killed before its manifest left (Chroma's data, the lock)."""
+    return {p.name for p in path.iterdir()} <= {"chroma", _LOCK, _HOLDER}
 
 
 def _new_manifest(embedder: DualEncoder, url: str | None) -> dict:

@@ -39,29 +39,28 @@ class LexicalIndex:
         self._lock = threading.Lock()
 
     def search(self, text: str, n: int, where: dict | None = None) -> list[tuple[str, float]]:
-        self._ensure_fresh()
-        if not self._ids:
+        bm25, ids = self._snapshot()  # one consistent (index, ids) pair, whatever other threads do
+        if not ids:
             return []
-        vocab = self._bm25.vocab_dict
+        vocab = bm25.vocab_dict
         tokens = [t for t in _tokenize([text])[0] if t in vocab]
         if not tokens:
             return []
         # over-fetch when filtering: the filter is applied after scoring
-        fetch = min(len(self._ids), n if where is None else max(n * 10, 100))
-        docs, scores = self._bm25.retrieve([tokens], k=fetch, show_progress=False)
-        hits = [(self._ids[d], float(s)) for d, s in zip(docs[0], scores[0]) if s > 0]
+        fetch = min(len(ids), n if where is None else max(n * 10, 100))
+        docs, scores = bm25.retrieve([tokens], k=fetch, show_progress=False)
+        hits = [(ids[d], float(s)) for d, s in zip(docs[0], scores[0]) if s > 0]
         if where is not None and hits:
             allowed = set(self.kb.vectors.texts.get(ids=[i for i, _ in hits], where=where, include=[])["ids"])
             hits = [h for h in hits if h[0] in allowed]
         return hits[:n]
 
-    def _ensure_fresh(self) -> None:
+    def _snapshot(self):
         revision = self.kb.revision
         with self._lock:
-            if self._revision == revision:
-                return
-            if not self._load(revision):
+            if self._revision != revision and not self._load(revision):
                 self._build(revision)
+            return self._bm25, self._ids
 
     def _load(self, revision: str) -> bool:
         import bm25s
@@ -73,9 +72,9 @@ class LexicalIndex:
             return False
         if meta.get("revision") != revision:
             return False
-        self._ids = meta["ids"]
-        self._bm25 = bm25s.BM25.load(str(self.dir / "bm25"), allow_pickle=False, show_progress=False) if self._ids else None
-        self._revision = revision
+        ids = meta["ids"]
+        self._bm25 = bm25s.BM25.load(str(self.dir / "bm25"), allow_pickle=False, show_progress=False) if ids else None
+        self._ids, self._revision = ids, revision
         return True
 
     def _build(self, revision: str) -> None:
@@ -97,6 +96,12 @@ class LexicalIndex:
             bm25 = bm25s.BM25()
             bm25.index(_tokenize(texts), show_progress=False)
             bm25.save(str(tmp / "bm25"))
+        if self.kb.revision != revision:
+            # a writer changed records while we read them: use this index for the search at hand,
+            # but neither keep nor save it (the next search rebuilds)
+            shutil.rmtree(tmp, ignore_errors=True)
+            self._bm25, self._ids, self._revision = bm25, ids, None
+            return
         (tmp / "meta.json").write_text(json.dumps({"revision": revision, "ids": ids}))
         # swap in the new index; a concurrent reader keeps what it already loaded
         old = self.dir.with_name(f".{_DIR}-old-{uuid.uuid4().hex[:8]}")

@@ -134,17 +134,18 @@ class _Pool:
             self.meta[rid] = (m, d)
             self.vecs[collection][rid] = np.asarray(e, dtype=np.float32)
 
-    def vectors(self, collection: str, ids: Sequence[str]) -> np.ndarray:
+    def fetch(self, ids: Sequence[str], collection: str = "texts") -> None:
+        """Load what the pool lacks for ``ids``; ids no longer in the KB stay absent."""
         missing = [i for i in ids if i not in self.vecs[collection]]
         if missing:
             col = self.kb.vectors.images if collection == "images" else self.kb.vectors.texts
-            res = col.get(ids=missing, include=["embeddings", "metadatas", "documents"])
-            self.absorb(collection, res)
+            self.absorb(collection, col.get(ids=missing, include=["embeddings", "metadatas", "documents"]))
+
+    def vectors(self, collection: str, ids: Sequence[str]) -> np.ndarray:
+        self.fetch(ids, collection)
         return np.stack([self.vecs[collection][i] for i in ids]) if ids else np.zeros((0, self.kb.dim), np.float32)
 
     def record(self, rid: str) -> Record:
-        if rid not in self.meta:
-            self.vectors("texts", [rid])
         meta, doc = self.meta[rid]
         return Record(id=rid, text=doc, image=str(self.kb.images.path(meta[IMAGE_KEY])), metadata=decode_metadata(meta))
 
@@ -208,6 +209,8 @@ class MultimodalRetriever:
         # follows, so if k hits survive it the answer is exactly the full fetch's, at a fraction of
         # the cost. Otherwise it fetches n_candidates.
         prefix_stable = (len(channels) == 1 and channels[0] != "composed" and s.fusion == "rrf"
+                         and s.weights.get(channels[0], 1.0) > 0  # a zero weight ties every score
+                         and not (channels[0] == "lexical" and where is not None)  # filtered after scoring
                          and s.mmr_lambda is None and s.hubness is None and self.reranker is None)
         sizes = [min(2 * k, s.n_candidates), s.n_candidates] if prefix_stable else [s.n_candidates]
         for n in dict.fromkeys(sizes):
@@ -234,6 +237,9 @@ class MultimodalRetriever:
         weights = {c: s.weights.get(c, 1.0) for c in channels}
         fused = (reciprocal_rank_fusion(results, weights, s.rrf_k) if s.fusion == "rrf"
                  else weighted_score_fusion(results, weights))[:n]
+        # records deleted since a channel saw them (the lexical index may lag a concurrent writer)
+        pool.fetch([rid for rid, _ in fused])
+        fused = [(rid, sc) for rid, sc in fused if rid in pool.meta]
         ids = [rid for rid, _ in fused]
         scores = np.array([sc for _, sc in fused])
         # 4. post-process: near-duplicate collapse, then optional MMR diversity

@@ -62,3 +62,9 @@ def test_tiny_model_is_built_on_first_use(tmp_path):
     mtime = (path / "config.json").stat().st_mtime_ns
     assert Path(cfg.resolve_model("tiny:clip")) == path and (path / "config.json").stat().st_mtime_ns == mtime
     assert cfg.resolve_model("openai/clip-vit-base-patch32") == "openai/clip-vit-base-patch32"
+
+
+def test_overrides_do_not_touch_the_callers_dict():
+    source = {"kb": {"path": "a"}}
+    assert load_config(source, {"kb.path": "b", "kb.url": "http://127.0.0.1:1"}).kb.path == "b"
+    assert source == {"kb": {"path": "a"}}

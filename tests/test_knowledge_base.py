@@ -235,3 +235,18 @@ def test_hnsw_settings_are_fixed_at_creation(tmp_path, clip_encoder):
     assert (images_col.configuration["hnsw"]["ef_search"], images_col.configuration["hnsw"]["max_neighbors"]) == (123, 24)
     with pytest.raises(ConfigError, match="hnsw"):
         KnowledgeBase.open(tmp_path / "c", clip_encoder, hnsw={"ef": 10})
+
+
+def test_duplicate_ids_in_get_and_delete_count_once(kb):
+    kb.add([Record(id="a", text="one", image=Image.new("RGB", (8, 8), (1, 1, 1)))])
+    assert [r.id for r in kb.get(["a", "a"])] == ["a"]
+    assert kb.delete(["a", "a"]) == 1 and kb.count() == 0
+
+
+def test_a_creation_killed_before_its_manifest_can_be_redone(tmp_path, clip_encoder):
+    kb = KnowledgeBase.open(tmp_path / "kb", clip_encoder)
+    (kb.path / "mmrag-kb.json").unlink()  # as if killed between the collections and the manifest
+    with pytest.raises(NotAKnowledgeBaseError, match="No knowledge base"):
+        KnowledgeBase.open(kb.path, create=False)
+    again = KnowledgeBase.open(kb.path, clip_encoder)
+    assert again.add([Record(text="t", image=Image.new("RGB", (8, 8)))]).added == 1

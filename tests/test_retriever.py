@@ -263,8 +263,13 @@ def test_hubness_normalisation_equals_formula(kb, stored, method):
     hits = r.retrieve(q, k=10, fusion="weighted")
     assert [h.id for h in hits] == ref_ids
     np.testing.assert_allclose([h.scores["text_to_image"] for h in hits], ref_scores, rtol=1e-4)
-    # reloaded from disk by a new retriever: same banks
-    assert [h.id for h in MultimodalRetriever(kb, channels=["text_to_image"], hubness=method, **EXACT).retrieve(q, k=10, fusion="weighted")] == ref_ids
+    # reloaded from disk by a new retriever: same banks; another bank size resamples them
+    again = MultimodalRetriever(kb, channels=["text_to_image"], hubness=method, hubness_bank_size=64, **EXACT)
+    assert [h.id for h in again.retrieve(q, k=10, fusion="weighted")] == ref_ids
+    MultimodalRetriever(kb, channels=["text_to_image"], hubness=method, hubness_bank_size=32).retrieve(q, k=1)
+    from retrievers.hubness import HubnessBanks
+
+    assert len(HubnessBanks.load_or_build(kb, size=32).ids["text"]) == 32
 
 
 def test_default_channels_follow_the_query(kb):
@@ -364,3 +369,55 @@ def test_single_channel_short_fetch_equals_full_walk_when_duplicates_spill_over(
     for k in (2, 4, 6):
         assert [h.id for h in r.retrieve(q, k=k)] == kept[:k]
     assert sum(x.startswith("d") for x in kept[:6]) == 1  # the twelve copies count once
+
+
+def test_lexical_index_built_during_a_write_is_not_kept(tmp_path, tiny_clip):
+    """A search racing a write (between the revision bump and the Chroma write) must not leave a
+    stale index that misses added records or serves deleted ones."""
+    kb = KnowledgeBase.open(tmp_path / "kb", DualEncoder(tiny_clip))
+    kb.add([Record(id=f"g{i}", text=f"grape number {i}", image=Image.new("RGB", (8, 8), (i, 0, 0))) for i in range(5)])
+    racer = MultimodalRetriever(kb, channels=["lexical"], near_duplicate_threshold=None)
+    real_write, real_delete = kb.vectors.write, kb.vectors.delete
+
+    def write_after_a_search(*args, **kwargs):
+        racer.retrieve("grape", k=9)  # indexes the old texts while the revision already changed
+        real_write(*args, **kwargs)
+
+    def delete_after_a_search(ids):
+        racer.retrieve("grape", k=9)
+        real_delete(ids)
+
+    def fresh_ids():
+        fresh = MultimodalRetriever(KnowledgeBase.open(kb.path), channels=["lexical"], near_duplicate_threshold=None)
+        return sorted(h.id for h in fresh.retrieve("grape", k=9))
+
+    kb.vectors.write = write_after_a_search
+    kb.add([Record(id="g9", text="grape the new one", image=Image.new("RGB", (8, 8), (0, 9, 0)))])
+    kb.vectors.write = real_write
+    assert fresh_ids() == ["g0", "g1", "g2", "g3", "g4", "g9"]
+    kb.vectors.delete = delete_after_a_search
+    kb.delete(["g0", "g1"])
+    kb.vectors.delete = real_delete
+    assert fresh_ids() == ["g2", "g3", "g4", "g9"]
+    assert sorted(h.id for h in racer.retrieve("grape", k=9)) == ["g2", "g3", "g4", "g9"]
+
+
+def test_short_first_fetch_asks_for_2k_and_lexical_filters_still_fill_k(tmp_path, tiny_clip):
+    kb = KnowledgeBase.open(tmp_path / "kb", DualEncoder(tiny_clip))
+    kb.add([Record(id=f"a{i:03d}", text="apple", image=Image.new("RGB", (8, 8), (i % 250, 0, 0)), metadata={"kind": "a"})
+            for i in range(250)]
+           + [Record(id=f"b{i:02d}", text=f"apple pie recipe number {i} with cream", metadata={"kind": "b"},
+                     image=Image.new("RGB", (8, 8), (0, i, 0))) for i in range(20)])
+    r = MultimodalRetriever(kb, near_duplicate_threshold=None)
+    # lexical + where filters after scoring: it must still fill k from the matching records
+    hits = r.retrieve("apple", k=10, channels=["lexical"], where={"kind": "b"})
+    assert len(hits) == 10 and all(h.id.startswith("b") for h in hits)
+    # a single dense channel first asks Chroma for 2k candidates, not n_candidates
+    asked = []
+    real_query = kb.vectors.images.query
+    kb.vectors.images.query = lambda **kw: asked.append(kw["n_results"]) or real_query(**kw)
+    try:
+        r.retrieve("apple", k=4, channels=["text_to_image"])
+    finally:
+        kb.vectors.images.query = real_query
+    assert asked == [8]

@@ -240,3 +240,19 @@ def test_rewriter_keeps_the_edited_description_line():
                                 dropped=[], prompt=question, num_image_tokens=0, timings={})
 
     assert vlm_rewriter(Fixed())("a blue square", "make it red") == "a red square on grey"
+
+
+def test_given_references_with_bad_images_fail_early_and_are_not_mutated(pipe, tmp_path):
+    with pytest.raises(ConfigError, match=r"references\[1\].*unreadable image"):
+        pipe("q", references=[(None, "fine"), Record(text="x", image=tmp_path / "missing.png")])
+    record = Record(text="bytes image", image=_png_bytes())
+    out = pipe("q", references=[record])
+    assert record.image == _png_bytes() and out.references[0].record.text == "bytes image"
+
+
+def _png_bytes() -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    _image(5).save(buf, format="PNG")
+    return buf.getvalue()
