@@ -238,7 +238,7 @@ class MultimodalRetriever:
         fused = (reciprocal_rank_fusion(results, weights, s.rrf_k) if s.fusion == "rrf"
                  else weighted_score_fusion(results, weights))[:n]
         # records deleted since a channel saw them (the lexical index may lag a concurrent writer)
-        pool.fetch([rid for rid, _ in fused])
+        pool.fetch([rid for rid, _ in fused if rid not in pool.meta])
         fused = [(rid, sc) for rid, sc in fused if rid in pool.meta]
         ids = [rid for rid, _ in fused]
         scores = np.array([sc for _, sc in fused])
