@@ -213,11 +213,11 @@ class MultimodalRetriever:
                          and not (channels[0] == "lexical" and where is not None)  # filtered after scoring
                          and s.mmr_lambda is None and s.hubness is None and self.reranker is None)
         sizes = [min(2 * k, s.n_candidates), s.n_candidates] if prefix_stable else [s.n_candidates]
+        limit = max(k, s.rerank_candidates) if self.reranker is not None else k
         for n in dict.fromkeys(sizes):
-            ids, scores, per_channel, exhausted = self._fused(q, tv, iv, channels, s, n, where, pool)
+            ids, scores, per_channel, exhausted = self._fused(q, tv, iv, channels, s, n, where, pool, limit)
             if len(ids) >= k or exhausted:
                 break
-        limit = max(k, s.rerank_candidates) if self.reranker is not None else k
         hits = [Hit(id=rid, record=pool.record(rid), score=float(sc), rank=r,
                     scores={c: per_channel[c][rid] for c in channels if rid in per_channel[c]})
                 for r, (rid, sc) in enumerate(zip(ids[:limit], scores[:limit]), start=1)]
@@ -227,9 +227,10 @@ class MultimodalRetriever:
         return hits[:k]
 
     def _fused(self, q: Query, tv, iv, channels: tuple[str, ...], s: RetrieverSettings, n: int, where,
-               pool: _Pool) -> tuple[list[str], np.ndarray, dict[str, dict[str, float]], bool]:
-        """Stages 2-4 with ``n`` candidates per channel: ids and scores after fusion and
-        post-processing, each channel's scores, and whether no channel had more to give."""
+               pool: _Pool, limit: int) -> tuple[list[str], np.ndarray, dict[str, dict[str, float]], bool]:
+        """Stages 2-4 with ``n`` candidates per channel: the first ``limit`` ids and scores after
+        fusion and post-processing (all of them with MMR), each channel's scores, and whether no
+        channel had more to give."""
         s = dataclasses.replace(s, n_candidates=n)
         # 2. run the channels
         results = {c: self._run_channel(c, q, tv, iv, s, where, pool) for c in channels}
@@ -237,22 +238,47 @@ class MultimodalRetriever:
         weights = {c: s.weights.get(c, 1.0) for c in channels}
         fused = (reciprocal_rank_fusion(results, weights, s.rrf_k) if s.fusion == "rrf"
                  else weighted_score_fusion(results, weights))[:n]
-        # records deleted since a channel saw them (the lexical index may lag a concurrent writer)
-        pool.fetch([rid for rid, _ in fused if rid not in pool.meta])
-        fused = [(rid, sc) for rid, sc in fused if rid in pool.meta]
-        ids = [rid for rid, _ in fused]
-        scores = np.array([sc for _, sc in fused])
         # 4. post-process: near-duplicate collapse, then optional MMR diversity
-        if ids and (s.near_duplicate_threshold is not None or s.mmr_lambda is not None):
+        if s.mmr_lambda is None:
+            ids, scores = self._walk(fused, s.near_duplicate_threshold, pool, limit)
+        else:  # MMR weighs every candidate against the others: it needs them all
+            pool.fetch([rid for rid, _ in fused if rid not in pool.meta])
+            fused = [(rid, sc) for rid, sc in fused if rid in pool.meta]
+            ids, scores = [rid for rid, _ in fused], np.array([sc for _, sc in fused])
             image_vecs = pool.vectors("images", ids)
-            if s.near_duplicate_threshold is not None:
+            if s.near_duplicate_threshold is not None and ids:
                 keep = collapse_near_duplicates(ids, image_vecs, s.near_duplicate_threshold)
                 ids, scores, image_vecs = [ids[i] for i in keep], scores[keep], image_vecs[keep]
-            if s.mmr_lambda is not None:
+            if ids:
                 order = maximal_marginal_relevance(scores, image_vecs, len(ids), s.mmr_lambda)
                 ids, scores = [ids[i] for i in order], scores[order]
         exhausted = all(len(r) < n for r in results.values())
         return ids, scores, {c: dict(r) for c, r in results.items()}, exhausted
+
+    @staticmethod
+    def _walk(fused: list[tuple[str, float]], threshold: float | None, pool: _Pool,
+              limit: int) -> tuple[list[str], np.ndarray]:
+        """The first ``limit`` fused hits that still exist and are not near-duplicates of a better
+        one. The walk is greedy and best first, so it only looks up (records, image vectors) the
+        prefix it needs, in chunks, instead of every candidate."""
+        kept: list[tuple[str, float]] = []
+        kept_vecs: list[np.ndarray] = []
+        step = max(2 * limit, 16)
+        for start in range(0, len(fused), step):
+            chunk = fused[start:start + step]
+            # records deleted since a channel saw them (the lexical index may lag a writer) drop out
+            pool.fetch([rid for rid, _ in chunk if rid not in pool.meta])
+            chunk = [(rid, sc) for rid, sc in chunk if rid in pool.meta]
+            vecs = pool.vectors("images", [rid for rid, _ in chunk]) if threshold is not None else [None] * len(chunk)
+            for (rid, sc), v in zip(chunk, vecs):
+                if threshold is not None and kept_vecs and float(np.max(np.stack(kept_vecs) @ v)) >= threshold:
+                    continue
+                kept.append((rid, sc))
+                if threshold is not None:
+                    kept_vecs.append(v)
+                if len(kept) >= limit:
+                    return [rid for rid, _ in kept], np.array([sc for _, sc in kept])
+        return [rid for rid, _ in kept], np.array([sc for _, sc in kept])
 
     def refresh_hubness_banks(self, size: int | None = None, seed: int = 0) -> HubnessBanks:
         """(Re)sample the hubness banks from the KB now and store them beside it."""
