@@ -110,7 +110,7 @@ def main() -> None:
         v = enc.embed_texts([q])[0]
         t_embed.append(time.perf_counter() - t)
         t = time.perf_counter()
-        raw = col.query(query_embeddings=[v], n_results=10)
+        col.query(query_embeddings=[v], n_results=10)
         t_raw.append(time.perf_counter() - t)
         t = time.perf_counter()
         hits = one.retrieve(q, k=10)

@@ -249,7 +249,7 @@ def _cmd_search(args) -> int:
     from retrievers import ConfigError, Query
 
     from .components import build_reranker, build_retriever, open_knowledge_base, uses_tiny_models
-    from .report import render_search, write_report
+    from .report import TINY_NOTE, render_search, write_report
 
     if args.text is None and args.image is None:
         raise ConfigError("Give a query: TEXT, --image PATH, or both.")
@@ -291,7 +291,7 @@ def _cmd_ask(args) -> int:
     from retrievers import ConfigError
 
     from .components import uses_tiny_models
-    from .report import render_answer, write_report
+    from .report import TINY_NOTE, render_answer, write_report
     from .vqa import RAGVQAPipeline
 
     choices = None
@@ -331,7 +331,7 @@ def _cmd_draw(args) -> int:
 
     from .components import uses_tiny_models
     from .draw import EntityImagePipeline, contact_sheet
-    from .report import render_drawing, write_report
+    from .report import TINY_NOTE, render_drawing, write_report
 
     _quiet_diffusers()
     if args.kb is None and not args.reference:
@@ -404,10 +404,6 @@ def _cmd_eval(args) -> int:
     return 0
 
 
-TINY_NOTE = ("These results come from mmrag's tiny, randomly initialised offline models: they show the plumbing "
-             "(retrieval, fusion, scores), not quality.")
-
-
 def _cmd_tiny_models(args) -> int:
     from .tiny_models import build_tiny_models
 
@@ -421,8 +417,9 @@ def _cmd_demo(args) -> int:
     from .demo import run_demo
 
     _quiet_diffusers()
-    cfg = _config(args) if args.config else _config(argparse.Namespace(config="tiny"))
-    run_demo(cfg, Path(args.out))
+    from .config import load_config
+
+    run_demo(load_config(args.config or "tiny"), Path(args.out))
     return 0
 
 

@@ -16,14 +16,9 @@ from retrievers import Query
 from .components import build_answerer, build_generator, build_retriever, open_knowledge_base, uses_tiny_models
 from .config import Config, load_config
 from .draw import EntityImagePipeline
-from .report import render_answer, render_drawing, render_search, write_report
+from .report import TINY_NOTE, render_answer, render_drawing, render_search, write_report
 from .sample_data import make_sample_set
 from .vqa import RAGVQAPipeline
-
-TINY_NOTE = ("Everything here ran on mmrag's tiny, randomly initialised offline models: the report shows the "
-             "plumbing (what was retrieved, fused, cited and drawn, with every score), not quality. Answers and "
-             "images from random weights are noise. Run `mmrag demo --config configs/default.yaml` for real models.")
-
 
 def run_demo(config: Config, out: Path, *, log=None) -> Path:
     """Build the sample KB in ``out/kb`` and write ``out/index.html``; returns the report's path.
@@ -69,7 +64,8 @@ def run_demo(config: Config, out: Path, *, log=None) -> Path:
                    width=config.draw.width)
     sections.append(render_drawing(prompt, drawing))
 
-    note = TINY_NOTE if uses_tiny_models(config, kb) else None
+    note = (TINY_NOTE + " Run `mmrag demo --config configs/default.yaml` for real models."
+            if uses_tiny_models(config, kb) else None)
     path = write_report(out / "index.html", "mmrag demo", sections, note=note)
     log(f"[6/6] report written in {time.perf_counter() - start:.0f}s")
     info = kb.info()

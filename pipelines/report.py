@@ -17,6 +17,10 @@ from PIL import Image
 
 from retrievers import Hit, Query
 
+TINY_NOTE = ("These results come from mmrag's tiny, randomly initialised offline models: they show the plumbing "
+             "(what was retrieved, fused, cited and drawn, with every score), not quality; answers and images from "
+             "random weights are noise.")
+
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:2rem;color:#222;max-width:1200px}
 h1{font-size:1.4rem}h2{font-size:1.1rem;margin-top:2rem}

@@ -170,7 +170,7 @@ class RAGVQAPipeline:
             for i, hit in enumerate(gold):  # open every given image now: a bad one fails before any work
                 if hit.record.image is not None:
                     try:
-                        opened = _open(hit.record.image)
+                        opened = hit.record.open_image()
                     except (OSError, ValueError) as e:
                         raise ConfigError(f"`references[{i}]` has an unreadable image ({e}).") from None
                     gold[i] = dataclasses.replace(hit, record=dataclasses.replace(hit.record, image=opened))
@@ -205,22 +205,11 @@ class RAGVQAPipeline:
         return None
 
 
-def _open(image) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image
-    if isinstance(image, bytes):
-        import io
-
-        image = io.BytesIO(image)
-    with Image.open(image) as im:
-        return im.convert("RGB")
-
-
 def _reference(hit: Hit) -> Reference:
     image = hit.record.image
     if image is not None and not isinstance(image, Image.Image):
         try:
-            image = _open(image)
+            image = hit.record.open_image()
         except OSError as e:
             raise KnowledgeBaseError(f"Reference {hit.id!r}: its stored image {str(image)!r} cannot be read ({e}); "
                                      "run `mmrag kb verify --kb DIR` to check the knowledge base.") from None

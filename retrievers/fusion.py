@@ -49,18 +49,6 @@ def _sorted(scores: dict[str, float]) -> list[tuple[str, float]]:
     return sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
 
 
-def collapse_near_duplicates(order: Sequence[str], vectors: np.ndarray, threshold: float) -> list[int]:
-    """Indices into ``order`` to keep: walking best first, drop an item whose cosine with an
-    already kept item is >= ``threshold`` (so the better-ranked copy stays). ``vectors`` are
-    unit-normalised, one row per item of ``order``."""
-    kept: list[int] = []
-    for i in range(len(order)):
-        if kept and float(np.max(vectors[kept] @ vectors[i])) >= threshold:
-            continue
-        kept.append(i)
-    return kept
-
-
 def maximal_marginal_relevance(relevance: np.ndarray, vectors: np.ndarray, k: int, lam: float) -> list[int]:
     """Carbonell & Goldstein (1998): greedily pick ``argmax lam*rel(d) - (1-lam)*max_sel cos(d, s)``.
 

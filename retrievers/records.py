@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -31,12 +32,12 @@ class Record:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def open_image(self) -> Image.Image:
-        """Open the record's image as RGB (records returned by the knowledge base only)."""
+        """The record's image (a path, encoded bytes or a PIL image) as RGB."""
         if isinstance(self.image, Image.Image):
             return self.image.convert("RGB")
-        if self.image is None or isinstance(self.image, bytes):
-            raise ValueError(f"Record {self.id!r} has no image path to open (image={type(self.image).__name__}).")
-        with Image.open(self.image) as im:
+        if self.image is None:
+            raise ValueError(f"Record {self.id!r} has no image.")
+        with Image.open(io.BytesIO(self.image) if isinstance(self.image, bytes) else self.image) as im:
             return im.convert("RGB")
 
 

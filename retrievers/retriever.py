@@ -14,14 +14,13 @@ Dense scores are cosine similarities (Chroma's cosine distance is ``1 - cos``).
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from .errors import ConfigError
-from .fusion import collapse_near_duplicates, maximal_marginal_relevance, reciprocal_rank_fusion, weighted_score_fusion
+from .fusion import maximal_marginal_relevance, reciprocal_rank_fusion, weighted_score_fusion
 from .hubness import METHODS as HUBNESS_METHODS, HubnessBanks, normalise as hubness_normalise
 from .knowledge_base import KnowledgeBase
 from .lexical import LexicalIndex
@@ -241,16 +240,10 @@ class MultimodalRetriever:
         # 4. post-process: near-duplicate collapse, then optional MMR diversity
         if s.mmr_lambda is None:
             ids, scores = self._walk(fused, s.near_duplicate_threshold, pool, limit)
-        else:  # MMR weighs every candidate against the others: it needs them all
-            pool.fetch([rid for rid, _ in fused if rid not in pool.meta])
-            fused = [(rid, sc) for rid, sc in fused if rid in pool.meta]
-            ids, scores = [rid for rid, _ in fused], np.array([sc for _, sc in fused])
-            image_vecs = pool.vectors("images", ids)
-            if s.near_duplicate_threshold is not None and ids:
-                keep = collapse_near_duplicates(ids, image_vecs, s.near_duplicate_threshold)
-                ids, scores, image_vecs = [ids[i] for i in keep], scores[keep], image_vecs[keep]
+        else:  # MMR weighs every candidate against the others: walk them all first
+            ids, scores = self._walk(fused, s.near_duplicate_threshold, pool, len(fused))
             if ids:
-                order = maximal_marginal_relevance(scores, image_vecs, len(ids), s.mmr_lambda)
+                order = maximal_marginal_relevance(scores, pool.vectors("images", ids), len(ids), s.mmr_lambda)
                 ids, scores = [ids[i] for i in order], scores[order]
         exhausted = all(len(r) < n for r in results.values())
         return ids, scores, {c: dict(r) for c, r in results.items()}, exhausted

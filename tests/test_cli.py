@@ -76,7 +76,7 @@ def test_console_script_and_env():
 def test_search_table_json_html_and_eval(tmp_path, tiny_config, capsys):
     from PIL import Image
 
-    from retrievers import KnowledgeBase, Record
+    from retrievers import Record
 
     kb_path = tmp_path / "kb"
     code, _, _ = _run(capsys, "ingest", tmp_path / "none.jsonl", "--kb", kb_path, "--config", tiny_config)
