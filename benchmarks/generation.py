@@ -41,7 +41,7 @@ from transformers import (
 )
 
 from common import machine
-from generators import ReferenceDiffusionGenerator
+from mmrag.generators import ReferenceDiffusionGenerator
 
 # Shapes for CPU: a two-level UNet (64, 128 channels, attention in the lower level), a VAE that halves
 # once, and the test suite's tiny text/image encoders (hidden size 32, 30-px images).

@@ -26,9 +26,9 @@ import numpy as np
 from PIL import Image
 
 from common import machine
-from pipelines.tiny_models import build_dual_encoder
-from retrievers import DualEncoder, KnowledgeBase
-from retrievers.store import make_client
+from mmrag.pipelines.dev.tiny_models import build_dual_encoder
+from mmrag.retrievers import DualEncoder, KnowledgeBase
+from mmrag.retrievers.kb.store import make_client
 
 
 def make_images(folder: Path, n: int, px: int, seed: int = 0) -> list[tuple[Path, str]]:

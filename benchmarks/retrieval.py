@@ -30,8 +30,8 @@ import numpy as np
 import psutil
 
 from common import machine
-from pipelines.tiny_models import build_tiny_model
-from retrievers import DualEncoder, KnowledgeBase, MultimodalRetriever
+from mmrag.pipelines.dev.tiny_models import build_tiny_model
+from mmrag.retrievers import DualEncoder, KnowledgeBase, MultimodalRetriever
 
 INTRINSIC_DIM = 64
 WORDS = ("red blue green amber violet star circle square ring dotted striped old new tiny huge cathedral dog cat "

@@ -26,10 +26,10 @@ import torch
 from PIL import Image
 
 from common import machine
-from generators.vlm import VLMAnswerer
-from pipelines.tiny_models import build_dual_encoder, ensure_tiny_model
-from pipelines.vqa import RAGVQAPipeline
-from retrievers import DualEncoder, DualEncoderReranker, KnowledgeBase, MultimodalRetriever
+from mmrag.generators.vlm import VLMAnswerer
+from mmrag.pipelines.dev.tiny_models import build_dual_encoder, ensure_tiny_model
+from mmrag.pipelines.vqa import RAGVQAPipeline
+from mmrag.retrievers import DualEncoder, DualEncoderReranker, KnowledgeBase, MultimodalRetriever
 from vqa_model import build_small_llava
 
 
@@ -39,7 +39,7 @@ def build_kb(path: Path, encoder: DualEncoder, n: int, n_images: int = 50) -> Kn
     rng = np.random.default_rng(0)
     kb = KnowledgeBase.open(path, encoder)
     images = [Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)) for _ in range(n_images)]
-    from retrievers import Record
+    from mmrag.retrievers import Record
 
     kb.add([Record(id=f"img{i}", text=f"reference photo {i} of a rare landmark", image=im) for i, im in enumerate(images)])
     stored = kb.vectors.images.get(include=["embeddings", "metadatas"])

@@ -35,7 +35,7 @@ from transformers import AutoProcessor, CLIPImageProcessorPil, CLIPVisionConfig,
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from common import machine
-from generators.vlm import Reference, VLMAnswerer
+from mmrag.generators.vlm import Reference, VLMAnswerer
 
 QUESTION = "Which animal appears in both of the reference images?"
 CHOICES = ["A cat.", "A black dog.", "A small boat on a quiet lake.", "None of them."]
@@ -142,7 +142,7 @@ def main() -> None:
     models = list(args.model or [])
     tiny_llava = args.tokenizer_from
     if not models or (args.shape and tiny_llava is None):
-        from pipelines.tiny_models import ensure_tiny_model  # only here: it needs diffusers
+        from mmrag.pipelines.dev.tiny_models import ensure_tiny_model  # only here: it needs diffusers
 
         tiny_llava = tiny_llava or ensure_tiny_model("llava", cache)
         if not models:

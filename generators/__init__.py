@@ -1,7 +1,7 @@
 """Generators: the VLM answerer and the reference-grounded diffusion generator (see ARCHITECTURE.md)."""
 
-from generators.diffusion import CALLBACK_TENSOR_INPUTS, SCHEDULERS, GenerationOutput, ReferenceDiffusionGenerator
-from generators.errors import (
+from mmrag.generators.diffusion import CALLBACK_TENSOR_INPUTS, SCHEDULERS, GenerationOutput, ReferenceDiffusionGenerator
+from mmrag.generators.errors import (
     ContextLengthError,
     GenerationError,
     GeneratorLoadError,
@@ -9,7 +9,7 @@ from generators.errors import (
     GuidanceError,
     UnsupportedModelError,
 )
-from generators.guidance import (
+from mmrag.generators.guidance import (
     GUIDANCES,
     ROWS,
     ClassifierFreeGuidance,
@@ -19,7 +19,7 @@ from generators.guidance import (
     Row,
     guidance_from_config,
 )
-from generators.vlm import AnswerOutput, AnswerStream, ChoiceOutput, Reference, VLMAnswerer, parse_citations
+from mmrag.generators.vlm import AnswerOutput, AnswerStream, ChoiceOutput, Reference, VLMAnswerer, parse_citations
 
 __all__ = [
     "AnswerOutput",

@@ -44,10 +44,10 @@ from diffusers import (
 from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 
-from generators.dtypes import parse_dtype
-from generators.errors import GenerationError, GeneratorLoadError
-from generators.guidance import Guidance, Row, guidance_from_config
-from prompts import render
+from mmrag.generators.dtypes import parse_dtype
+from mmrag.generators.errors import GenerationError, GeneratorLoadError
+from mmrag.generators.guidance import Guidance, Row, guidance_from_config
+from mmrag.prompts import render
 
 SCHEDULERS = {
     "ddim": DDIMScheduler,

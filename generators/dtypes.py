@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from generators.errors import GenerationError
+from mmrag.generators.errors import GenerationError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -31,7 +31,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from generators.errors import GuidanceError
+from mmrag.generators.errors import GuidanceError
 
 Row = Literal["cond", "drop_text", "drop_reference", "drop_both"]
 ROWS: tuple[Row, ...] = ("cond", "drop_text", "drop_reference", "drop_both")

@@ -33,9 +33,9 @@ import PIL.Image
 import torch
 from transformers import TextIteratorStreamer
 
-from generators.dtypes import parse_dtype
-from generators.errors import ContextLengthError, GenerationError, GeneratorLoadError, UnsupportedModelError
-from prompts import TemplateError, load_template, render
+from mmrag.generators.dtypes import parse_dtype
+from mmrag.generators.errors import ContextLengthError, GenerationError, GeneratorLoadError, UnsupportedModelError
+from mmrag.prompts import TemplateError, load_template, render
 
 # The parts of a template family and the fields each takes.
 TEMPLATE_PARTS = {"intro": set(), "reference": {"label", "text"}, "question": {"question"}, "plain": {"question"}}

@@ -9,20 +9,20 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "Config": "pipelines.config",
-    "load_config": "pipelines.config",
-    "open_knowledge_base": "pipelines.components",
-    "build_embedder": "pipelines.components",
-    "build_retriever": "pipelines.components",
-    "build_reranker": "pipelines.components",
-    "build_answerer": "pipelines.components",
-    "build_generator": "pipelines.components",
-    "RAGVQAPipeline": "pipelines.vqa",
-    "VQAOutput": "pipelines.vqa",
-    "EntityImagePipeline": "pipelines.draw",
-    "ImageOutput": "pipelines.draw",
-    "make_sample_set": "pipelines.sample_data",
-    "build_tiny_models": "pipelines.tiny_models",
+    "Config": "mmrag.pipelines.config",
+    "load_config": "mmrag.pipelines.config",
+    "open_knowledge_base": "mmrag.pipelines.builders",
+    "build_embedder": "mmrag.pipelines.builders",
+    "build_retriever": "mmrag.pipelines.builders",
+    "build_reranker": "mmrag.pipelines.builders",
+    "build_answerer": "mmrag.pipelines.builders",
+    "build_generator": "mmrag.pipelines.builders",
+    "RAGVQAPipeline": "mmrag.pipelines.vqa",
+    "VQAOutput": "mmrag.pipelines.vqa",
+    "EntityImagePipeline": "mmrag.pipelines.draw",
+    "ImageOutput": "mmrag.pipelines.draw",
+    "make_sample_set": "mmrag.pipelines.dev.sample_data",
+    "build_tiny_models": "mmrag.pipelines.dev.tiny_models",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -135,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not os.environ.get("MMRAG_DEBUG"):
         _quiet_libraries()
-    from retrievers.errors import MMRAGError
+    from mmrag.retrievers.errors import MMRAGError
 
     try:
         return _COMMANDS[args.command](args) or 0
@@ -158,10 +158,10 @@ def _is_user_error(error: Exception, base: type) -> bool:
     TemplateError. Checked through sys.modules, so a command that never touched the generators
     does not pay for importing diffusers here."""
     bases = [base]
-    if "generators.errors" in sys.modules:
-        bases.append(sys.modules["generators.errors"].GeneratorsError)
-    if "prompts.loader" in sys.modules:
-        bases.append(sys.modules["prompts.loader"].TemplateError)
+    if "mmrag.generators.errors" in sys.modules:
+        bases.append(sys.modules["mmrag.generators.errors"].GeneratorsError)
+    if "mmrag.prompts.loader" in sys.modules:
+        bases.append(sys.modules["mmrag.prompts.loader"].TemplateError)
     return isinstance(error, tuple(bases))
 
 
@@ -190,9 +190,9 @@ def _config(args, **overrides: Any):
 
 
 def _cmd_ingest(args) -> int:
-    from retrievers.sources import iter_source
+    from mmrag.retrievers.kb.sources import iter_source
 
-    from .components import open_knowledge_base
+    from .builders import open_knowledge_base
 
     cfg = _config(args, **{"kb.path": args.kb, "kb.url": args.url, "kb.allow_remote": args.allow_remote,
                            "kb.lock_timeout": args.lock_timeout, "ingest.batch_size": args.batch_size,
@@ -213,7 +213,7 @@ def _cmd_ingest(args) -> int:
 
 
 def _cmd_kb(args) -> int:
-    from .components import open_knowledge_base
+    from .builders import open_knowledge_base
 
     kb = open_knowledge_base(_config(args, **{"kb.path": args.kb, "kb.url": args.url}), create=False)
     if args.kb_command == "info":
@@ -237,7 +237,7 @@ def _cmd_kb(args) -> int:
 def _parse_where(text: str | None):
     if text is None:
         return None
-    from retrievers import ConfigError
+    from mmrag.retrievers import ConfigError
 
     try:
         return json.loads(text)
@@ -246,10 +246,10 @@ def _parse_where(text: str | None):
 
 
 def _cmd_search(args) -> int:
-    from retrievers import ConfigError, Query
+    from mmrag.retrievers import ConfigError, Query
 
-    from .components import build_reranker, build_retriever, open_knowledge_base, uses_tiny_models
-    from .report import TINY_NOTE, render_search, write_report
+    from .builders import build_reranker, build_retriever, open_knowledge_base, uses_tiny_models
+    from .dev.report import TINY_NOTE, render_search, write_report
 
     if args.text is None and args.image is None:
         raise ConfigError("Give a query: TEXT, --image PATH, or both.")
@@ -264,7 +264,7 @@ def _cmd_search(args) -> int:
         cfg.retriever.composed_method == "cirevl"
         or (cfg.retriever.composed_method == "pdv" and query.reference_text is None))
     if needs_vlm:  # the VLM of the config captions the image and rewrites the caption
-        from .components import build_answerer, vlm_captioner, vlm_rewriter
+        from .builders import build_answerer, vlm_captioner, vlm_rewriter
 
         answerer = build_answerer(cfg)
         captioner, rewriter = vlm_captioner(answerer), vlm_rewriter(answerer)
@@ -288,10 +288,10 @@ def _cmd_search(args) -> int:
 
 
 def _cmd_ask(args) -> int:
-    from retrievers import ConfigError
+    from mmrag.retrievers import ConfigError
 
-    from .components import uses_tiny_models
-    from .report import TINY_NOTE, render_answer, write_report
+    from .builders import uses_tiny_models
+    from .dev.report import TINY_NOTE, render_answer, write_report
     from .vqa import RAGVQAPipeline
 
     choices = None
@@ -327,11 +327,11 @@ def _cmd_ask(args) -> int:
 
 
 def _cmd_draw(args) -> int:
-    from retrievers import ConfigError, Query
+    from mmrag.retrievers import ConfigError, Query
 
-    from .components import uses_tiny_models
+    from .builders import uses_tiny_models
     from .draw import EntityImagePipeline, contact_sheet
-    from .report import TINY_NOTE, render_drawing, write_report
+    from .dev.report import TINY_NOTE, render_drawing, write_report
 
     _quiet_diffusers()
     if args.kb is None and not args.reference:
@@ -368,7 +368,7 @@ def _cmd_draw(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from .components import build_reranker, build_retriever, open_knowledge_base
+    from .builders import build_reranker, build_retriever, open_knowledge_base
     from .evaluation import evaluate_retrieval, evaluate_vqa, load_queries, load_vqa_dataset, vqa_table
 
     if args.eval_command == "generation":
@@ -405,7 +405,7 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_tiny_models(args) -> int:
-    from .tiny_models import build_tiny_models
+    from .dev.tiny_models import build_tiny_models
 
     paths = build_tiny_models(args.directory, args.only, seed=args.seed, progress=lambda m: print(m, file=sys.stderr))
     for name, path in paths.items():
@@ -414,7 +414,7 @@ def _cmd_tiny_models(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .dev.demo import run_demo
 
     _quiet_diffusers()
     from .config import load_config
@@ -428,7 +428,7 @@ def _cmd_env(args) -> int:
 
     import torch
 
-    from retrievers import __version__
+    from mmrag import __version__
 
     lines = {"mmrag": __version__, "python": platform.python_version(), "platform": platform.platform()}
     for pkg in ("torch", "transformers", "diffusers", "accelerate", "chromadb", "llama-index-core", "pillow",

@@ -10,6 +10,7 @@ offline models (built into ``tiny_models.cache_dir`` on first use).
 from __future__ import annotations
 
 import copy
+import importlib.resources
 import os
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -17,12 +18,13 @@ from typing import Any, Literal, Mapping
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from retrievers.errors import ConfigError
-from retrievers.images import DEFAULT_MAX_IMAGE_PIXELS
-from retrievers.sources import DEFAULT_MAX_TEXT_CHARS
+from mmrag.retrievers.errors import ConfigError
+from mmrag.retrievers.kb.images import DEFAULT_MAX_IMAGE_PIXELS
+from mmrag.retrievers.kb.sources import DEFAULT_MAX_TEXT_CHARS
 
 TINY_PREFIX = "tiny:"
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The presets ship inside the wheel as package data: found the same way from any working directory.
+CONFIG_DIR = importlib.resources.files("mmrag.configs")
 
 
 class _Section(BaseModel):
@@ -161,7 +163,7 @@ class Config(_Section):
         """A loadable model id or path: ``tiny:NAME`` builds the tiny model on first use."""
         if not name.startswith(TINY_PREFIX):
             return name
-        from .tiny_models import ensure_tiny_model
+        from .dev.tiny_models import ensure_tiny_model
 
         return str(ensure_tiny_model(name[len(TINY_PREFIX):], Path(self.tiny_models.cache_dir).expanduser()))
 
@@ -201,9 +203,14 @@ def _find_config(source: str | os.PathLike) -> Path:
         return path
     preset = CONFIG_DIR / f"{source}.yaml"
     if preset.is_file():
-        return preset
-    presets = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        return Path(str(preset))
+    presets = preset_names()
     raise ConfigError(f"`--config` {str(source)!r} is neither a file nor a preset; presets: {presets}.")
+
+
+def preset_names() -> list[str]:
+    """The preset configs shipped with mmrag (``default``, ``tiny``, ...)."""
+    return sorted(p.name[:-len(".yaml")] for p in CONFIG_DIR.iterdir() if p.name.endswith(".yaml"))
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:

@@ -15,8 +15,8 @@ from typing import Any, Mapping, Sequence
 
 from PIL import Image
 
-from generators import GenerationOutput, ReferenceDiffusionGenerator
-from retrievers import ConfigError, Hit, MultimodalRetriever, Query, Record
+from mmrag.generators import GenerationOutput, ReferenceDiffusionGenerator
+from mmrag.retrievers import ConfigError, Hit, MultimodalRetriever, Query, Record
 
 from .config import Config, load_config
 
@@ -61,7 +61,7 @@ class EntityImagePipeline:
     @classmethod
     def from_config(cls, config: str | Path | Mapping | Config | None = None, *, kb_path: str | None = None,
                     with_kb: bool = True) -> "EntityImagePipeline":
-        from .components import build_generator, build_reranker, build_retriever, open_knowledge_base
+        from .builders import build_generator, build_reranker, build_retriever, open_knowledge_base
 
         cfg = load_config(config, {"kb.path": kb_path})
         retriever = build_retriever(cfg, open_knowledge_base(cfg, create=False)) if with_kb else None
@@ -111,7 +111,7 @@ class EntityImagePipeline:
         reference scales the generator was configured with, not at library defaults."""
         if not isinstance(guidance, str):
             return guidance
-        from generators import GUIDANCES, guidance_from_config
+        from mmrag.generators import GUIDANCES, guidance_from_config
 
         configured = self.generator.guidance.to_dict()
         configured.setdefault("text_scale", configured.get("scale"))
@@ -124,7 +124,7 @@ class EntityImagePipeline:
         return guidance_from_config(guidance, **{k: v for k, v in params.items() if k in fields and v is not None})
 
     def _retrieve(self, prompt: str, k: int, where, rerank: bool, timings: dict[str, float]) -> list[Hit]:
-        from .components import retrieve_and_rerank
+        from .builders import retrieve_and_rerank
 
         return retrieve_and_rerank(self.retriever, self.reranker, Query(text=prompt), k, where=where, rerank=rerank,
                                    channels=self.channels, timings=timings)

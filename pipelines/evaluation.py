@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from retrievers import CHANNELS, ConfigError, Query
+from mmrag.retrievers import CHANNELS, ConfigError, Query
 
 K_VALUES = (1, 5, 10)
 DEPTH = 50  # hits fetched per query: enough for mAP@50

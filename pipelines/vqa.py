@@ -16,8 +16,8 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from PIL import Image
 
-from generators.vlm import AnswerOutput, Reference, VLMAnswerer
-from retrievers import ConfigError, Hit, KnowledgeBaseError, MultimodalRetriever, Query, Record
+from mmrag.generators.vlm import AnswerOutput, Reference, VLMAnswerer
+from mmrag.retrievers import ConfigError, Hit, KnowledgeBaseError, MultimodalRetriever, Query, Record
 
 from .config import Config, load_config
 
@@ -91,7 +91,7 @@ class RAGVQAPipeline:
     def from_config(cls, config: str | Path | Mapping | Config | None = None, *, kb_path: str | None = None,
                     with_kb: bool = True) -> "RAGVQAPipeline":
         """Build every component from a config (path, preset name, dict or :class:`Config`)."""
-        from .components import build_answerer, build_reranker, build_retriever, open_knowledge_base
+        from .builders import build_answerer, build_reranker, build_retriever, open_knowledge_base
 
         cfg = load_config(config, {"kb.path": kb_path})
         answerer = build_answerer(cfg)
@@ -181,7 +181,7 @@ class RAGVQAPipeline:
     # ------------------------------------------------------------------ retrieval
     def _retrieve(self, question: str, image: Image.Image | None, k: int, where, rerank: bool,
                   timings: dict[str, float]) -> list[Hit]:
-        from .components import retrieve_and_rerank
+        from .builders import retrieve_and_rerank
 
         t = time.perf_counter()
         text = question

@@ -1,5 +1,5 @@
 """Prompt templates (files under prompts/templates/) and their loader."""
 
-from prompts.loader import TemplateError, load_template, render, template_names
+from mmrag.prompts.loader import TemplateError, load_template, render, template_names
 
 __all__ = ["TemplateError", "load_template", "render", "template_names"]

@@ -1,16 +1,19 @@
 """Prompt templates: versioned text files under ``prompts/templates/``, filled with `string.Template`.
 
+The templates are package data of ``mmrag.prompts``, read through :mod:`importlib.resources`, so
+they are found from a wheel as from a checkout.
+
 A template file may open with ``#`` comment lines (what it is for, its version, its fields); they are
 not part of the template. Fields are written ``$name`` or ``${name}``; ``$$`` is a literal dollar.
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import string
 from functools import cache
-from pathlib import Path
 
-TEMPLATES_DIR = Path(__file__).parent / "templates"
+TEMPLATES_DIR = importlib.resources.files("mmrag.prompts") / "templates"
 
 
 class TemplateError(ValueError):
@@ -18,7 +21,7 @@ class TemplateError(ValueError):
 
 
 def template_names() -> list[str]:
-    return sorted(path.stem for path in TEMPLATES_DIR.glob("*.txt"))
+    return sorted(p.name[:-len(".txt")] for p in TEMPLATES_DIR.iterdir() if p.name.endswith(".txt"))
 
 
 @cache

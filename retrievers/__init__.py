@@ -1,12 +1,5 @@
 """Knowledge base, encoders, ingestion and retrieval for mmrag."""
 
-from importlib.metadata import PackageNotFoundError, version as _version
-
-try:
-    __version__ = _version("mmrag")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0+unknown"
-
 from .encoders import DualEncoder
 from .errors import (
     ConfigError,
@@ -20,9 +13,9 @@ from .errors import (
     NotAKnowledgeBaseError,
     SchemaVersionError,
 )
-from .knowledge_base import KnowledgeBase
+from .kb import KnowledgeBase
 from .query import Hit, Query
-from .records import IngestReport, Record, Rejection
+from .kb.records import IngestReport, Record, Rejection
 from .rerank import CrossEncoderReranker, DualEncoderReranker, Reranker, VLMReranker, reranker_from_config
 from .retriever import CHANNELS, MultimodalRetriever, RetrieverSettings
 

@@ -26,7 +26,7 @@ import numpy as np
 from .errors import ConfigError
 
 if TYPE_CHECKING:
-    from .knowledge_base import KnowledgeBase
+    from .kb import KnowledgeBase
 
 METHODS = ("qbnorm", "dbnorm")
 _FILE = "hubness-banks.npz"

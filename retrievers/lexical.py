@@ -16,7 +16,7 @@ import uuid
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .knowledge_base import KnowledgeBase
+    from .kb import KnowledgeBase
 
 _DIR = "lexical"
 

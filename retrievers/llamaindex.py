@@ -25,7 +25,7 @@ from typing import Any, List, Optional
 
 from .errors import ConfigError, MissingExtraError
 from .query import Hit, Query
-from .records import Record
+from .kb.records import Record
 
 INSTALL_COMMAND = 'pip install "mmrag[llamaindex]"'
 

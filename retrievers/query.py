@@ -10,8 +10,8 @@ from typing import Any, Union
 from PIL import Image, UnidentifiedImageError
 
 from .errors import ConfigError
-from .records import Record
-from .sources import IMAGE_EXTENSIONS
+from .kb.records import Record
+from .kb.sources import IMAGE_EXTENSIONS
 
 
 @dataclass

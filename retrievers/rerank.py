@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from prompts import TemplateError, load_template, render
+from mmrag.prompts import TemplateError, load_template, render
 
 from .encoders import DualEncoder, default_device, normalize_model_id, resolve_dtype
 from .errors import ConfigError, ModelLoadError

@@ -22,11 +22,11 @@ import numpy as np
 from .errors import ConfigError
 from .fusion import maximal_marginal_relevance, reciprocal_rank_fusion, weighted_score_fusion
 from .hubness import METHODS as HUBNESS_METHODS, HubnessBanks, normalise as hubness_normalise
-from .knowledge_base import KnowledgeBase
+from .kb import KnowledgeBase
 from .lexical import LexicalIndex
 from .query import Hit, Query, QueryLike
-from .records import Record
-from .store import IMAGE_KEY, decode_metadata
+from .kb.records import Record
+from .kb.store import IMAGE_KEY, decode_metadata
 
 # channel -> (needs text, needs image)
 CHANNELS: dict[str, tuple[bool, bool]] = {

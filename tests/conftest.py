@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.tiny_models import ensure_tiny_model
-from retrievers import DualEncoder, KnowledgeBase
+from mmrag.pipelines.dev.tiny_models import ensure_tiny_model
+from mmrag.retrievers import DualEncoder, KnowledgeBase
 
 
 @pytest.fixture(scope="session")

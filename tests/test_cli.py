@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.cli import main
+from mmrag.pipelines.cli import main
 from tests.corpus import make_bad_corpus, make_good_images
 
 
@@ -76,13 +76,13 @@ def test_console_script_and_env():
 def test_search_table_json_html_and_eval(tmp_path, tiny_config, capsys):
     from PIL import Image
 
-    from retrievers import Record
+    from mmrag.retrievers import Record
 
     kb_path = tmp_path / "kb"
     code, _, _ = _run(capsys, "ingest", tmp_path / "none.jsonl", "--kb", kb_path, "--config", tiny_config)
     assert code == 2  # a missing source fails before anything is created
-    from pipelines.components import open_knowledge_base
-    from pipelines.config import load_config
+    from mmrag.pipelines.builders import open_knowledge_base
+    from mmrag.pipelines.config import load_config
 
     kb = open_knowledge_base(load_config(tiny_config, {"kb.path": str(kb_path)}))
     kb.add([Record(id="x1", text="the Picarones <script>alert(1)</script>", image=Image.new("RGB", (20, 20), (200, 0, 0)),

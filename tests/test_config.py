@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.config import CONFIG_DIR, Config, load_config
-from retrievers import ConfigError
+from mmrag.pipelines.config import CONFIG_DIR, Config, load_config
+from mmrag.retrievers import ConfigError
 
 
 def test_default_preset_equals_the_code_defaults():

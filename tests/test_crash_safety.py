@@ -18,7 +18,7 @@ import chromadb
 import pytest
 from chromadb.config import Settings
 
-from retrievers import KnowledgeBase
+from mmrag.retrievers import KnowledgeBase
 from tests.corpus import make_bad_corpus, make_good_images
 
 # Opens the KB (which repairs what a killed writer left), reports the raw state, then ingests.
@@ -26,7 +26,7 @@ INGEST = textwrap.dedent("""
     import json, sys
     import chromadb
     from chromadb.config import Settings
-    from retrievers import KnowledgeBase
+    from mmrag.retrievers import KnowledgeBase
     kb = KnowledgeBase.open(sys.argv[1], sys.argv[2], lock_timeout=60)
     names = json.loads((kb.path / "mmrag-kb.json").read_text())["collections"]
     raw = chromadb.PersistentClient(path=str(kb.path / "chroma"), settings=Settings(anonymized_telemetry=False))
@@ -100,7 +100,8 @@ def test_sigkill_at_random_moments_then_rerun(tmp_path, tiny_clip):
 # Dies (SIGKILL, no cleanup) at one precise point of the write sequence, on the third batch.
 DIE_AT = textwrap.dedent("""
     import os, signal, sys
-    from retrievers import KnowledgeBase, store, knowledge_base
+    from mmrag.retrievers import KnowledgeBase
+    from mmrag.retrievers.kb import journal, store
     point, calls = sys.argv[4], {"n": 0}
 
     def die_on_third(fn, when):
@@ -123,18 +124,18 @@ DIE_AT = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGKILL)
         store.VectorStore.write = write if point == "collection_write_between" else die_on_third(orig, 3)
     elif point.startswith("journal"):          # the upsert journal written, nothing applied
-        knowledge_base.KnowledgeBase._apply_journal = die_on_third(knowledge_base.KnowledgeBase._apply_journal, 3)
+        journal.Journal.apply = die_on_third(journal.Journal.apply, 3)
     elif point.startswith("release"):          # records written, images of an update not yet released
-        orig_release = knowledge_base.KnowledgeBase._release
+        orig_release = journal.Journal.release
         def release(self, relpaths):
             if relpaths:  # the update's old image
                 os.kill(os.getpid(), signal.SIGKILL)
             return orig_release(self, relpaths)
-        knowledge_base.KnowledgeBase._release = release
+        journal.Journal.release = release
     kb = KnowledgeBase.open(sys.argv[1], sys.argv[2])
     if point.startswith("release"):
         from PIL import Image
-        from retrievers import Record
+        from mmrag.retrievers import Record
         kb.add([Record(id="upd", text="v1", image=Image.new("RGB", (8, 8), (1, 1, 1)))])
         kb.add([Record(id="upd", text="v2", image=Image.new("RGB", (8, 8), (2, 2, 2)))])
     kb.ingest(sys.argv[3], batch_size=4)

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import load_config
-from pipelines.demo import run_demo
-from pipelines.report import render_hits, write_report
-from retrievers import Hit, Record
+from mmrag.pipelines.config import load_config
+from mmrag.pipelines.dev.demo import run_demo
+from mmrag.pipelines.dev.report import render_hits, write_report
+from mmrag.retrievers import Hit, Record
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",

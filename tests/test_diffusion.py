@@ -28,7 +28,7 @@ from transformers import (
     CLIPVisionConfig,
 )
 
-from generators import (
+from mmrag.generators import (
     ClassifierFreeGuidance,
     GenerationError,
     GeneratorLoadError,
@@ -37,8 +37,8 @@ from generators import (
     JointGuidance,
     ReferenceDiffusionGenerator,
 )
-from pipelines.tiny_models import ensure_tiny_model
-from prompts import render
+from mmrag.pipelines.dev.tiny_models import ensure_tiny_model
+from mmrag.prompts import render
 
 PROMPT = "a photo of a cat sitting on a red sofa"
 STEPS = 3

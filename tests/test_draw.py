@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from generators import ReferenceDiffusionGenerator
-from pipelines.cli import main
-from pipelines.draw import EntityImagePipeline, contact_sheet
-from retrievers import ConfigError, DualEncoder, KnowledgeBase, MultimodalRetriever, Record
+from mmrag.generators import ReferenceDiffusionGenerator
+from mmrag.pipelines.cli import main
+from mmrag.pipelines.draw import EntityImagePipeline, contact_sheet
+from mmrag.retrievers import ConfigError, DualEncoder, KnowledgeBase, MultimodalRetriever, Record
 
 STEPS = 3
 
@@ -106,11 +106,11 @@ def test_cli_draw_writes_images_sheet_and_json(tmp_path, kb, tiny_models_dir, ca
 
 
 def test_eval_generation_scores_equal_clip_cosines(tmp_path, kb, generator, tiny_models_dir, capsys):
-    from pipelines.evaluation import evaluate_generation, load_generation_prompts
+    from mmrag.pipelines.evaluation import evaluate_generation, load_generation_prompts
 
     held = tmp_path / "held.png"
     _shape((145, 85, 35), (3, 6, 29, 28)).save(held)
-    prompts = tmp_path / "prompts.jsonl"
+    prompts = tmp_path / "mmrag.prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "a Chortai dog", "entity": "Chortai", "images": ["held.png"],
                                    "bucket": "rare"}) + "\n")
     items = load_generation_prompts(prompts)

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from transformers import AutoModel, AutoProcessor
 
-from retrievers import ConfigError, DualEncoder, ModelLoadError
+from mmrag.retrievers import ConfigError, DualEncoder, ModelLoadError
 
 TEXTS = ["a red circle", "the Zorblax, a striped teal star", "x"]
 

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from pipelines.evaluation import average_precision_at, load_queries, ndcg_at, reciprocal_rank, recall_at, score_ranking
-from retrievers import ConfigError
+from mmrag.pipelines.evaluation import average_precision_at, load_queries, ndcg_at, reciprocal_rank, recall_at, score_ranking
+from mmrag.retrievers import ConfigError
 
 RANKED = ["a", "x", "b", "y", "z", "c"]
 REL = {"a", "b", "c", "d"}

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from generators import (
+from mmrag.generators import (
     GUIDANCES,
     ROWS,
     ClassifierFreeGuidance,

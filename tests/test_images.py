@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrievers.errors import ConfigError, InvalidItemError
-from retrievers.images import DEFAULT_MAX_IMAGE_PIXELS, prepare_image
+from mmrag.retrievers.errors import ConfigError, InvalidItemError
+from mmrag.retrievers.kb.images import DEFAULT_MAX_IMAGE_PIXELS, prepare_image
 from tests.corpus import (
     FIRST_FRAME_RGB,
     SECOND_FRAME_RGB,

@@ -19,7 +19,7 @@ from chromadb.config import Settings
 from PIL import Image
 from transformers import AutoModel, AutoProcessor
 
-from retrievers import (
+from mmrag.retrievers import (
     ConfigError,
     EmbedderMismatchError,
     KnowledgeBase,
@@ -200,9 +200,9 @@ def test_ingest_rejects_bad_arguments(kb, tmp_path):
 
 HOLD_LOCK = textwrap.dedent("""
     import sys, time
-    from retrievers import KnowledgeBase
+    from mmrag.retrievers import KnowledgeBase
     kb = KnowledgeBase.open(sys.argv[1])
-    with kb._write_lock():
+    with kb.journal.write_lock():
         print("locked", flush=True)
         time.sleep(float(sys.argv[2]))
 """)

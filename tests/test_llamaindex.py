@@ -13,16 +13,16 @@ from llama_index.core.query_engine import RetrieverQueryEngine
 from llama_index.core.schema import ImageNode, NodeWithScore, QueryBundle, TextNode
 from PIL import Image
 
-from retrievers import ConfigError, KnowledgeBase, Record
-from retrievers.query import Query
-from retrievers.llamaindex import (
+from mmrag.retrievers import ConfigError, KnowledgeBase, Record
+from mmrag.retrievers.query import Query
+from mmrag.retrievers.llamaindex import (
     INSTALL_COMMAND,
     MMRAGRerankPostprocessor,
     MMRAGRetriever,
     node_to_hit,
 )
-from retrievers.rerank import DualEncoderReranker
-from retrievers.retriever import MultimodalRetriever
+from mmrag.retrievers.rerank import DualEncoderReranker
+from mmrag.retrievers.retriever import MultimodalRetriever
 
 TEXTS = [
     ("A photo of a cat sitting on a red sofa.", "animal"),
@@ -141,8 +141,8 @@ def test_missing_extra_names_the_install_command(monkeypatch):
     for name in [m for m in sys.modules if m == "llama_index" or m.startswith("llama_index.")]:
         monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.setitem(sys.modules, "llama_index", None)
-    monkeypatch.delitem(sys.modules, "retrievers.llamaindex")
+    monkeypatch.delitem(sys.modules, "mmrag.retrievers.llamaindex")
     with pytest.raises(ImportError) as error:
-        importlib.import_module("retrievers.llamaindex")
+        importlib.import_module("mmrag.retrievers.llamaindex")
     assert INSTALL_COMMAND == 'pip install "mmrag[llamaindex]"' and INSTALL_COMMAND in str(error.value)
     assert type(error.value).__name__ == "MissingExtraError"

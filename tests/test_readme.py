@@ -13,7 +13,7 @@ def test_readme_quick_starts_run(tmp_path, monkeypatch, tiny_models_dir):
     assert len(blocks) == 3, "ingest + search, ask, draw"
     monkeypatch.chdir(tmp_path)
     # the "tiny" preset builds into ~/.cache; point it at the session's already-built models
-    from pipelines import config as config_module
+    from mmrag.pipelines import config as config_module
 
     real = config_module.load_config
     monkeypatch.setattr(config_module, "load_config",

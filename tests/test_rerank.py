@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor, BlipForImageTextRetrieval
 
-from pipelines.tiny_models import build_tiny_model
-from prompts import render
-from retrievers import ConfigError, KnowledgeBase, ModelLoadError, Record
-from retrievers.query import Hit, Query
-from retrievers.rerank import (
+from mmrag.pipelines.dev.tiny_models import build_tiny_model
+from mmrag.prompts import render
+from mmrag.retrievers import ConfigError, KnowledgeBase, ModelLoadError, Record
+from mmrag.retrievers.query import Hit, Query
+from mmrag.retrievers.rerank import (
     QUERY_IMAGE_AND_TEXT,
     QUERY_IMAGE_ONLY,
     RERANKERS,

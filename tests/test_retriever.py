@@ -11,7 +11,7 @@ import pytest
 from chromadb.config import Settings
 from PIL import Image, ImageDraw
 
-from retrievers import ConfigError, DualEncoder, KnowledgeBase, MultimodalRetriever, Query, Record
+from mmrag.retrievers import ConfigError, DualEncoder, KnowledgeBase, MultimodalRetriever, Query, Record
 
 WORDS = ["red", "blue", "green", "star", "circle", "square", "striped", "dotted", "tiny", "huge", "old", "new"]
 N = 240
@@ -267,7 +267,7 @@ def test_hubness_normalisation_equals_formula(kb, stored, method):
     again = MultimodalRetriever(kb, channels=["text_to_image"], hubness=method, hubness_bank_size=64, **EXACT)
     assert [h.id for h in again.retrieve(q, k=10, fusion="weighted")] == ref_ids
     MultimodalRetriever(kb, channels=["text_to_image"], hubness=method, hubness_bank_size=32).retrieve(q, k=1)
-    from retrievers.hubness import HubnessBanks
+    from mmrag.retrievers.hubness import HubnessBanks
 
     assert len(HubnessBanks.load_or_build(kb, size=32).ids["text"]) == 32
 

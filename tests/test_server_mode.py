@@ -15,7 +15,7 @@ import pytest
 from chromadb.config import Settings
 from PIL import Image
 
-from retrievers import ConfigError, KnowledgeBase, KnowledgeBaseError, Record
+from mmrag.retrievers import ConfigError, KnowledgeBase, KnowledgeBaseError, Record
 from tests.corpus import make_good_images
 
 pytestmark = pytest.mark.server

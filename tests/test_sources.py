@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrievers.errors import ConfigError, InvalidItemError
-from retrievers.images import DEFAULT_MAX_IMAGE_PIXELS, prepare_image
-from retrievers import sources
-from retrievers.records import Record, SourceItem
-from retrievers.sources import describe_source, iter_source, prepare_text
+from mmrag.retrievers.errors import ConfigError, InvalidItemError
+from mmrag.retrievers.kb.images import DEFAULT_MAX_IMAGE_PIXELS, prepare_image
+from mmrag.retrievers.kb import sources
+from mmrag.retrievers.kb.records import Record, SourceItem
+from mmrag.retrievers.kb.sources import describe_source, iter_source, prepare_text
 from tests.corpus import (
     BAD_CORPUS_MAX_PIXELS,
     img2dataset_samples,

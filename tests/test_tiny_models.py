@@ -14,8 +14,8 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor
 
-from pipelines import tiny_models as builder
-from pipelines.tiny_models import (
+from mmrag.pipelines.dev import tiny_models as builder
+from mmrag.pipelines.dev.tiny_models import (
     COMPLETE_MARKER,
     TINY_MODEL_NAMES,
     build_dual_encoder,
@@ -23,7 +23,7 @@ from pipelines.tiny_models import (
     build_tiny_models,
     ensure_tiny_model,
 )
-from retrievers.errors import ConfigError
+from mmrag.retrievers.errors import ConfigError
 
 LONG_TEXT = " ".join(["a photo of a small red boat on a quiet lake"] * 10)
 

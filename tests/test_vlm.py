@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, LlamaConfig, LlamaForCausalLM
 
-from generators.errors import ContextLengthError, GenerationError, UnsupportedModelError
-from generators.vlm import Reference, VLMAnswerer, parse_citations
-from pipelines.tiny_models import ensure_tiny_model
+from mmrag.generators.errors import ContextLengthError, GenerationError, UnsupportedModelError
+from mmrag.generators.vlm import Reference, VLMAnswerer, parse_citations
+from mmrag.pipelines.dev.tiny_models import ensure_tiny_model
 
 ARCHITECTURES = ("llava", "idefics3")
 QUESTION = "Where was this taken?"

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from generators import UnsupportedModelError, VLMAnswerer
-from pipelines.cli import main
-from pipelines.vqa import RAGVQAPipeline
-from retrievers import (ConfigError, DualEncoder, DualEncoderReranker, KnowledgeBase, KnowledgeBaseError,
+from mmrag.generators import UnsupportedModelError, VLMAnswerer
+from mmrag.pipelines.cli import main
+from mmrag.pipelines.vqa import RAGVQAPipeline
+from mmrag.retrievers import (ConfigError, DualEncoder, DualEncoderReranker, KnowledgeBase, KnowledgeBaseError,
                         MultimodalRetriever, Query, Record)
-from pipelines.tiny_models import ensure_tiny_model
+from mmrag.pipelines.dev.tiny_models import ensure_tiny_model
 
 
 def _image(seed: int) -> Image.Image:
@@ -95,7 +95,7 @@ def test_multiple_choice_matches_the_answerer(pipe, answerer):
 
 
 def _ref(hit):
-    from generators import Reference
+    from mmrag.generators import Reference
 
     return Reference(text=hit.record.text, image=hit.record.open_image(), score=hit.score, id=hit.id)
 
@@ -211,7 +211,7 @@ def test_eval_vqa_three_settings(tmp_path, kb, tiny_config, capsys):
 
 
 def test_cirevl_with_a_vlm_captioner_and_rewriter(kb, answerer, tmp_path, tiny_config, capsys):
-    from pipelines.components import vlm_captioner, vlm_rewriter
+    from mmrag.pipelines.builders import vlm_captioner, vlm_rewriter
 
     captioner, rewriter = vlm_captioner(answerer), vlm_rewriter(answerer)
     retriever = MultimodalRetriever(kb, near_duplicate_threshold=None, captioner=captioner, rewriter=rewriter)
@@ -230,11 +230,11 @@ def test_cirevl_with_a_vlm_captioner_and_rewriter(kb, answerer, tmp_path, tiny_c
 
 
 def test_rewriter_keeps_the_edited_description_line():
-    from pipelines.components import vlm_rewriter
+    from mmrag.pipelines.builders import vlm_rewriter
 
     class Fixed:  # the parsing under test, fed a known answer
         def answer(self, question, image=None):
-            from generators import AnswerOutput
+            from mmrag.generators import AnswerOutput
 
             return AnswerOutput(text="Sure.\nEdited Description: a red square on grey", cited=[], references=[],
                                 dropped=[], prompt=question, num_image_tokens=0, timings={})

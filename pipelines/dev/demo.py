@@ -11,14 +11,14 @@ import sys
 import time
 from pathlib import Path
 
-from retrievers import Query
+from mmrag.retrievers import Query
 
-from .components import build_answerer, build_generator, build_retriever, open_knowledge_base, uses_tiny_models
-from .config import Config, load_config
-from .draw import EntityImagePipeline
+from ..builders import build_answerer, build_generator, build_retriever, open_knowledge_base, uses_tiny_models
+from ..config import Config, load_config
+from ..draw import EntityImagePipeline
 from .report import TINY_NOTE, render_answer, render_drawing, render_search, write_report
 from .sample_data import make_sample_set
-from .vqa import RAGVQAPipeline
+from ..vqa import RAGVQAPipeline
 
 def run_demo(config: Config, out: Path, *, log=None) -> Path:
     """Build the sample KB in ``out/kb`` and write ``out/index.html``; returns the report's path.

@@ -67,7 +67,7 @@ from transformers import (
     SiglipTokenizer,
 )
 
-from retrievers.errors import ConfigError
+from mmrag.retrievers.errors import ConfigError
 
 TINY_MODEL_NAMES = ("clip", "siglip", "llava", "idefics3", "sd", "ip-adapter", "blip-itm")
 DUAL_ENCODER_FAMILIES = ("clip", "siglip")

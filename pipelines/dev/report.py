@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 
 from PIL import Image
 
-from retrievers import Hit, Query
+from mmrag.retrievers import Hit, Query
 
 TINY_NOTE = ("These results come from mmrag's tiny, randomly initialised offline models: they show the plumbing "
              "(what was retrieved, fused, cited and drawn, with every score), not quality; answers and images from "

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from retrievers import DualEncoder, KnowledgeBase
-from retrievers.knowledge_base import MANIFEST_NAME
+from mmrag.retrievers import DualEncoder, KnowledgeBase
+from mmrag.retrievers.kb import MANIFEST_NAME
 
 from .config import TINY_PREFIX, Config
 
@@ -55,7 +55,7 @@ def build_reranker(config: Config, *, vlm: Any = None):
     ``vlm`` (an object with ``.model`` and ``.processor``) is required for the ``vlm`` reranker;
     pipelines pass their own answering VLM.
     """
-    from retrievers.rerank import (DEFAULT_CROSS_ENCODER_RERANKER, DEFAULT_DUAL_ENCODER_RERANKER,
+    from mmrag.retrievers.rerank import (DEFAULT_CROSS_ENCODER_RERANKER, DEFAULT_DUAL_ENCODER_RERANKER,
                                    reranker_from_config)
 
     r = config.reranker
@@ -71,7 +71,7 @@ def build_reranker(config: Config, *, vlm: Any = None):
 
 def build_retriever(config: Config, kb: KnowledgeBase, *, reranker: Any = None, captioner=None, rewriter=None):
     """A :class:`MultimodalRetriever` over ``kb`` with the config's retriever settings."""
-    from retrievers import MultimodalRetriever
+    from mmrag.retrievers import MultimodalRetriever
 
     settings = config.retriever.model_dump()
     settings["channels"] = tuple(settings["channels"]) if settings["channels"] is not None else None
@@ -91,7 +91,7 @@ def uses_tiny_models(config: Config, kb: KnowledgeBase | None = None) -> bool:
 
 def build_answerer(config: Config):
     """The configured :class:`~generators.vlm.VLMAnswerer` (loads lazily)."""
-    from generators.vlm import VLMAnswerer
+    from mmrag.generators.vlm import VLMAnswerer
 
     v = config.vlm
     return VLMAnswerer(config.resolve_model(v.model), device=v.device, dtype=v.dtype, max_new_tokens=v.max_new_tokens,
@@ -102,7 +102,7 @@ def build_answerer(config: Config):
 
 def build_generator(config: Config):
     """The configured :class:`~generators.ReferenceDiffusionGenerator` (loads lazily)."""
-    from generators import ReferenceDiffusionGenerator
+    from mmrag.generators import ReferenceDiffusionGenerator
 
     d = config.diffusion
     return ReferenceDiffusionGenerator(config.resolve_model(d.model), ip_adapter=config.resolve_model(d.ip_adapter),
@@ -115,7 +115,7 @@ def build_generator(config: Config):
 
 def vlm_captioner(answerer):
     """CIReVL's captioner (and PDV's reference description) from a VLM: image -> one sentence."""
-    from prompts import render
+    from mmrag.prompts import render
 
     instruction = render("cirevl_caption")
     return lambda image: answerer.answer(instruction, image=image).text.strip()
@@ -123,7 +123,7 @@ def vlm_captioner(answerer):
 
 def vlm_rewriter(answerer):
     """CIReVL's rewrite step from a VLM: (caption, modifier) -> the edited description."""
-    from prompts import render
+    from mmrag.prompts import render
 
     def rewrite(caption: str, modifier: str) -> str:
         text = answerer.answer(render("cirevl_rewrite", caption=caption, modifier=modifier)).text
@@ -145,7 +145,7 @@ def retrieve_and_rerank(retriever, reranker, query, k: int, *, where=None, reran
     """
     import time
 
-    from retrievers import KnowledgeBaseError
+    from mmrag.retrievers import KnowledgeBaseError
 
     kb = retriever.kb
     if kb.count() == 0:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ConfigError, InvalidItemError
+from ..errors import ConfigError, InvalidItemError
 from .records import ImageInput
 
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000

@@ -37,7 +37,7 @@ from typing import Any
 
 from PIL import Image
 
-from .errors import ConfigError, InvalidItemError
+from ..errors import ConfigError, InvalidItemError
 from .images import DEFAULT_MAX_IMAGE_BYTES
 from .records import Record, SourceItem
 

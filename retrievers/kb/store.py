@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from .errors import ConfigError, KnowledgeBaseError
+from ..errors import ConfigError, KnowledgeBaseError
 
 # System metadata keys. User metadata keys may not start with this prefix.
 RESERVED_PREFIX = "mmrag_"

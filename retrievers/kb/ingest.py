@@ -1,0 +1,224 @@
+"""Ingestion: validate and normalise source items, embed them in batches, write them journaled.
+
+Decoding runs one batch ahead in a worker thread (it overlaps embedding, the long stage); Chroma
+writes pause it (on few cores decoding halves Chroma's write speed). A bad item becomes a
+:class:`Rejection` in the report and never costs a good record; ids are the user's or derived
+from content, so re-running an interrupted ingestion finds what already landed.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import numpy as np
+
+from ..errors import EmbedderMismatchError, InvalidItemError
+from .images import PreparedImage, prepare_image
+from .records import IngestReport, Rejection, SourceItem, content_id
+from .sources import prepare_text
+from .store import IMAGE_KEY, SHA_KEY, encode_metadata
+
+if TYPE_CHECKING:
+    from .knowledge_base import KnowledgeBase
+
+
+@dataclass
+class _Prepared:
+    """A validated item: normalised image and text, ready to embed."""
+
+    ref: str
+    source: str
+    id: str
+    text: str
+    image: PreparedImage
+    metadata: dict[str, Any]  # already encoded for Chroma
+
+    @property
+    def fingerprint(self) -> tuple:
+        return (self.image.sha256, self.text, json.dumps(self.metadata, sort_keys=True))
+
+
+class Ingestion:
+    """One ingestion run into ``kb`` (the caller holds the writer lock)."""
+
+    def __init__(self, kb: "KnowledgeBase", label: str):
+        self.kb = kb
+        self.label = label
+        self.report = IngestReport()
+        self._seen: dict[str, tuple[tuple, str]] = {}  # id -> (fingerprint, first ref), this run
+
+    def run(self, items: Iterator[SourceItem], batch_size: int, bar: Callable[[int | None], None]) -> IngestReport:
+        report = self.report
+        for prepared, rejected, notes, seconds in prefetch(self.prepare_batches(items, self.label, batch_size)):
+            report.time("prepare", seconds)
+            report.rejected.extend(rejected)
+            for note in notes:
+                report.note(note)
+            self.write(prepared, report, self._seen)
+            bar(len(prepared) + len(rejected))
+        return report
+
+    def prepare_batches(self, items: Iterator[SourceItem], label: str, batch_size: int):
+        """Yield ``(prepared, rejected, notes, seconds)`` per batch. Runs in a worker thread
+        (decoding overlaps embedding), so it touches no shared state."""
+        prepared: list[_Prepared] = []
+        rejected: list[Rejection] = []
+        notes: list[str] = []
+        start = time.perf_counter()
+        for item in items:
+            try:
+                with self.kb.gate:
+                    p = self._prepare(item, label)
+                prepared.append(p)
+                notes.extend(p.image.notes)
+            except InvalidItemError as e:
+                rejected.append(Rejection(ref=item.ref, reason=e.reason, source=item.source or label))
+            if len(prepared) + len(rejected) >= batch_size:
+                yield prepared, rejected, notes, time.perf_counter() - start
+                prepared, rejected, notes = [], [], []
+                start = time.perf_counter()
+        if prepared or rejected:
+            yield prepared, rejected, notes, time.perf_counter() - start
+
+    def _prepare(self, item: SourceItem, label: str) -> _Prepared:
+        if item.error is not None:
+            raise InvalidItemError(item.error)
+        text = prepare_text(item.text, max_chars=self.kb.max_text_chars)
+        if item.image is None:
+            raise InvalidItemError("no image")
+        image = prepare_image(item.image, max_pixels=self.kb.max_image_pixels)
+        if item.id is not None and (not isinstance(item.id, str) or not item.id.strip() or len(item.id) > 512):
+            raise InvalidItemError(f"`id` must be a non-empty string of at most 512 characters, got {item.id!r}")
+        record_id = item.id if item.id is not None else content_id(image.sha256, text)
+        source = item.source or label
+        try:
+            metadata = encode_metadata(item.metadata or {}, image=self.kb.images.relpath(image.sha256, image.ext),
+                                       sha256=image.sha256, source=source)
+        except ValueError as e:
+            raise InvalidItemError(str(e)) from None
+        return _Prepared(ref=item.ref, source=source, id=record_id, text=text, image=image, metadata=metadata)
+
+    def write(self, batch: list[_Prepared], report: IngestReport, seen: dict) -> None:
+        # 1. drop repeats within this ingestion; a repeated user id with other content is an error
+        fresh: dict[str, _Prepared] = {}
+        for p in batch:
+            if p.id in seen:
+                fp, first_ref = seen[p.id]
+                if fp == p.fingerprint:
+                    report.duplicates += 1
+                else:
+                    report.rejected.append(Rejection(p.ref, f"id {p.id!r} repeats {first_ref} with other content", p.source))
+                continue
+            seen[p.id] = (p.fingerprint, p.ref)
+            fresh[p.id] = p
+        if not fresh:
+            return
+        # 2. compare with what the KB already holds
+        t_lookup = time.perf_counter()
+        existing = self.kb.vectors.get(list(fresh), include=["metadatas", "documents"])
+        report.time("lookup", time.perf_counter() - t_lookup)
+        todo, is_new, release = [], [], []
+        for rid, p in fresh.items():
+            if rid in existing:
+                meta, doc = existing[rid]
+                if (meta[SHA_KEY], doc, json.dumps(meta, sort_keys=True)) == p.fingerprint:
+                    report.existing += 1
+                    continue
+                report.updated += 1
+                if meta[IMAGE_KEY] != p.metadata[IMAGE_KEY]:
+                    release.append(meta[IMAGE_KEY])
+            else:
+                report.added += 1
+            todo.append(p)
+            is_new.append(rid not in existing)
+        if not todo:
+            return
+        # 3. embed
+        t0 = time.perf_counter()
+        embedder = self.kb.embedder
+        truncated_before = embedder.texts_truncated
+        image_vectors = embedder.embed_images([p.image.image for p in todo])
+        text_vectors = embedder.embed_texts([p.text for p in todo])
+        report.texts_truncated += embedder.texts_truncated - truncated_before
+        if image_vectors.shape[1] != self.kb.dim:
+            raise EmbedderMismatchError(
+                f"The embedder {embedder.model_id!r} makes {image_vectors.shape[1]}-d vectors but the knowledge base "
+                f"holds {self.kb.dim}-d vectors."
+            )
+        t1 = time.perf_counter()
+        report.time("embed", t1 - t0)
+        # 4. images, then records, each step journaled (see the module docstring). Decoding in the
+        # prepare thread is paused meanwhile: on few cores it halves Chroma's write speed, while
+        # overlapping it with embedding (the long stage) is what pays.
+        with self.kb.gate:
+            self._store(todo, is_new, release, image_vectors, text_vectors)
+        report.time("write", time.perf_counter() - t1)
+
+    def _store(self, todo: list[_Prepared], is_new: list[bool], release: list[str],
+               image_vectors: np.ndarray, text_vectors: np.ndarray) -> None:
+        new_images = sorted({p.metadata[IMAGE_KEY] for p in todo if not self.kb.images.path(p.metadata[IMAGE_KEY]).exists()})
+        self.kb.journal.record({"op": "images", "release": new_images})  # undone if we die before the next journal
+        for p in todo:
+            self.kb.images.put(p.image.data, p.image.sha256, p.image.ext)
+        self.kb.journal.record(
+            {"op": "upsert", "ids": [p.id for p in todo], "metadatas": [p.metadata for p in todo],
+             "documents": [p.text for p in todo], "new": is_new, "release": release},
+            vectors={"images": image_vectors, "texts": text_vectors},
+        )
+        self.kb.journal.apply(recovering=False)
+
+def prefetch(gen: Iterator, depth: int = 2) -> Iterator:
+    """Run ``gen`` in a worker thread, ``depth`` items ahead (image decoding overlaps embedding).
+    Exceptions in the worker are re-raised in the consumer."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def work():
+        try:
+            for x in gen:
+                if not _put(x):
+                    return
+            _put(done)
+        except BaseException as e:  # handed to the consumer, not swallowed
+            _put(e)
+
+    def _put(x) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    t = threading.Thread(target=work, name="mmrag-ingest-prepare", daemon=True)
+    t.start()
+    try:
+        while True:
+            x = q.get()
+            if x is done:
+                return
+            if isinstance(x, BaseException):
+                raise x
+            yield x
+    finally:
+        stop.set()  # a consumer that stops early (error, break) lets the worker exit
+
+
+def progress_bar(progress: bool | Callable[[int], None]) -> Callable[[int | None], None]:
+    """``bar(n)`` advances by n items, ``bar(None)`` closes."""
+    if callable(progress):
+        return lambda n: None if n is None else progress(n)
+    if not progress:
+        return lambda n: None
+    from tqdm.auto import tqdm
+
+    t = tqdm(unit="item", desc="ingest", file=sys.stderr)
+    return lambda n: t.close() if n is None else t.update(n)

@@ -1,0 +1,254 @@
+"""The knowledge base: (image, text) records in two Chroma collections plus an image store.
+
+Responsibilities live in their own modules: opening and creating (the manifest, ``manifest.py``),
+crash-safe writes (the journal and writer lock, ``journal.py``), ingestion (``ingest.py``), and
+the storage primitives (``store.py``). This class is the façade users call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from chromadb.errors import NotFoundError
+
+from ..encoders import DualEncoder
+from ..errors import ConfigError, KnowledgeBaseError
+from .images import DEFAULT_MAX_IMAGE_PIXELS
+from .ingest import Ingestion, progress_bar
+from .journal import Journal
+from .manifest import MANIFEST_NAME, resolve_manifest, write_json_atomic
+from .records import IngestReport, Record
+from .sources import DEFAULT_MAX_TEXT_CHARS, describe_source, iter_source
+from .store import HNSW_KEYS, IMAGE_KEY, ImageStore, VectorStore, decode_metadata, make_client
+
+__all__ = ["MANIFEST_NAME", "KnowledgeBase"]
+
+
+class KnowledgeBase:
+    """A persistent multimodal knowledge base. Create or open one with :meth:`open`."""
+
+    def __init__(self, path: Path, manifest: dict, vectors: VectorStore, embedder: DualEncoder | None, *,
+                 lock_timeout: float, max_image_pixels: int, max_text_chars: int, allow_remote: bool):
+        self.path = path
+        self.manifest = manifest
+        self.vectors = vectors
+        self.images = ImageStore(path / "images")
+        self._embedder = embedder
+        self.max_image_pixels = max_image_pixels
+        self.max_text_chars = max_text_chars
+        self.allow_remote = allow_remote
+        self.journal = Journal(path, vectors, self.images, lock_timeout)
+        self.gate = threading.Lock()  # serialises item decoding with Chroma writes (see ingest.py)
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike,
+        embedder: DualEncoder | str | None = None,
+        url: str | None = None,
+        *,
+        create: bool = True,
+        lock_timeout: float = 0.0,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
+        allow_remote: bool = False,
+        hnsw: dict[str, int] | None = None,
+    ) -> "KnowledgeBase":
+        """Open the knowledge base at ``path``, creating it when ``create`` and it does not exist.
+
+        Args:
+            path: the KB folder (manifest, image store and, in embedded mode, the Chroma data).
+            embedder: a :class:`DualEncoder` or model id. ``None`` uses the one the KB was built
+                with; a different one raises :class:`EmbedderMismatchError`. Required to create.
+            url: a Chroma server (``"http://127.0.0.1:8000"``) holding the vectors; ``None`` uses
+                the embedded store, or the server recorded when the KB was created.
+            create: create a new KB when ``path`` holds none; with ``False`` that is an error.
+            lock_timeout: seconds a writer waits for another writer to finish (0: fail at once).
+            max_image_pixels, max_text_chars: ingestion limits (bigger items are rejected).
+            allow_remote: let manifests reference http(s) image URLs that are fetched.
+            hnsw: Chroma HNSW settings for a new KB (``ef_search``, ``ef_construction``,
+                ``max_neighbors``); default ``{"ef_search": 400}``. Ignored for an existing KB.
+        """
+        path = Path(path).expanduser().resolve()
+        if isinstance(embedder, (str, os.PathLike)):
+            embedder = DualEncoder(embedder)
+        bad = {k: v for k, v in (hnsw or {}).items()
+               if k not in HNSW_KEYS or not isinstance(v, int) or isinstance(v, bool) or v <= 0}
+        if bad:
+            raise ConfigError(f"`hnsw` {bad!r}: keys must be {list(HNSW_KEYS)} and values positive integers.")
+        if lock_timeout < 0:
+            raise ConfigError(f"`lock_timeout` must be >= 0 seconds, got {lock_timeout!r}.")
+        manifest_path = path / MANIFEST_NAME
+        is_new = not manifest_path.exists()
+        manifest = resolve_manifest(path, embedder, url, create)
+        url = url if url is not None else manifest.get("url")
+        vectors = _connect(path, manifest, url, hnsw, is_new)
+        if is_new:  # the manifest is written last: a folder without one is a creation to redo
+            path.mkdir(parents=True, exist_ok=True)
+            if url is not None:
+                manifest["url"] = url
+            write_json_atomic(manifest_path, manifest)
+        kb = cls(path, manifest, vectors, embedder, lock_timeout=lock_timeout, max_image_pixels=max_image_pixels,
+                 max_text_chars=max_text_chars, allow_remote=allow_remote)
+        if kb.journal.pending():
+            kb.journal.try_recover()
+        return kb
+
+    @property
+    def lock_timeout(self) -> float:
+        """Seconds a writer waits for another writer to finish (0: fail at once)."""
+        return self.journal.lock_timeout
+
+    @lock_timeout.setter
+    def lock_timeout(self, seconds: float) -> None:
+        self.journal.lock_timeout = seconds
+
+    @property
+    def embedder(self) -> DualEncoder:
+        """The KB's dual encoder (the one it was built with), loaded lazily."""
+        if self._embedder is None:
+            self._embedder = DualEncoder(self.manifest["embedder"]["model_id"])
+        return self._embedder
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["embedder"]["dim"])
+
+    def __repr__(self) -> str:
+        return f"KnowledgeBase({str(self.path)!r}, count={self.count()}, embedder={self.manifest['embedder']['model_id']!r})"
+
+    # ------------------------------------------------------------------ reading
+    def count(self) -> int:
+        """Number of records."""
+        return self.vectors.count()
+
+    def get(self, ids: str | Sequence[str]) -> list[Record]:
+        """The records with these ids, in the given order; ids not in the KB are left out."""
+        ids = [ids] if isinstance(ids, str) else list(dict.fromkeys(ids))
+        found = self.vectors.get(ids)
+        return [self._record(i, *found[i]) for i in ids if i in found]
+
+    def _record(self, id: str, meta: dict, text: str) -> Record:
+        return Record(id=id, text=text, image=str(self.images.path(meta[IMAGE_KEY])), metadata=decode_metadata(meta))
+
+    def info(self) -> dict[str, Any]:
+        """Counts, embedder and sizes, as ``mmrag kb info`` prints them."""
+        return {
+            "path": str(self.path),
+            "backend": self.manifest["backend"],
+            "url": self.manifest.get("url"),
+            "count": self.count(),
+            "image_vectors": self.vectors.images.count(),
+            "text_vectors": self.vectors.texts.count(),
+            "images_stored": sum(1 for _ in self.images),
+            "embedder": self.manifest["embedder"]["model_id"],
+            "dim": self.dim,
+            "schema_version": self.manifest["schema_version"],
+            "library_version": self.manifest["library_version"],
+            "created_at": self.manifest["created_at"],
+            "bytes_on_disk": _du(self.path),
+        }
+
+    def verify(self) -> dict[str, list[str]]:
+        """Check the invariants crash safety promises; every list is empty on a healthy KB."""
+        text_ids, image_ids = set(self.vectors.all_ids("texts")), set(self.vectors.all_ids("images"))
+        metas = self.vectors.get(sorted(text_ids), include=["metadatas"])
+        referenced = {m[IMAGE_KEY] for m, _ in metas.values()}
+        stored = set(self.images)
+        return {
+            "only_in_texts": sorted(text_ids - image_ids),
+            "only_in_images": sorted(image_ids - text_ids),
+            "missing_images": sorted(referenced - stored),
+            "orphan_images": sorted(stored - referenced),
+        }
+
+    # ------------------------------------------------------------------ writing
+    def ingest(
+        self,
+        source: Any,
+        *,
+        batch_size: int = 64,
+        progress: bool | Callable[[int], None] = False,
+    ) -> IngestReport:
+        """Validate, store and embed every item of ``source``; bad items are reported, not raised.
+
+        ``source`` is a folder of images with ``.txt``/``.json`` sidecars, a ``.jsonl`` or ``.csv``
+        manifest, WebDataset ``.tar`` shards, or an iterable of :class:`Record`. Re-ingesting a
+        source adds nothing. ``progress=True`` shows a bar; a callable receives items done.
+        """
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
+            raise ConfigError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+        items = iter_source(source, allow_remote=self.allow_remote)  # raises ConfigError on an unreadable source
+        label = describe_source(source)
+        start = time.perf_counter()
+        bar = progress_bar(progress)
+        with self.journal.write_lock():
+            report = Ingestion(self, label).run(items, batch_size, bar)
+        bar(None)
+        report.seconds = time.perf_counter() - start
+        return report
+
+    def add(self, records: Iterable[Record], *, batch_size: int = 64) -> IngestReport:
+        """Add records (``image`` a path, bytes or PIL image); same guarantees as :meth:`ingest`."""
+        if isinstance(records, Record):
+            records = [records]
+        return self.ingest(list(records) if not isinstance(records, list) else records, batch_size=batch_size)
+
+    def delete(self, ids: str | Sequence[str]) -> int:
+        """Delete records from both collections and release images no other record uses.
+
+        Returns the number of records deleted (ids not in the KB are ignored).
+        """
+        ids = [ids] if isinstance(ids, str) else list(dict.fromkeys(ids))
+        with self.journal.write_lock():
+            found = self.vectors.get(ids, include=["metadatas"])
+            if not found:
+                return 0
+            present = [i for i in ids if i in found]
+            images = sorted({m[IMAGE_KEY] for m, _ in found.values()})
+            self.journal.record({"op": "delete", "ids": present, "release": images})
+            self.journal.apply(recovering=False)
+        return len(present)
+
+    @property
+    def revision(self) -> str:
+        """Changes before and after records are written or deleted (see :class:`Journal`)."""
+        return self.journal.revision
+
+
+# ---------------------------------------------------------------------------- helpers
+def _connect(path: Path, manifest: dict, url: str | None, hnsw: dict[str, int] | None, is_new: bool) -> VectorStore:
+    """The KB's two Chroma collections, checked to be this KB's (not another's on a shared server)."""
+    client = make_client(path / "chroma", None) if manifest["backend"] == "embedded" else make_client(None, url)
+    if is_new and manifest["backend"] == "embedded":
+        # a creation killed before its manifest left collections stamped for a KB that never
+        # was (records are only written after the manifest): drop them and start again
+        for name in manifest["collections"].values():
+            with contextlib.suppress(NotFoundError):
+                client.delete_collection(name)
+    vectors = VectorStore(
+        client, manifest["collections"], create=is_new, hnsw=hnsw,
+        collection_metadata={"mmrag_kb": manifest["kb_id"], "mmrag_embedder": manifest["embedder"]["model_id"]},
+    )
+    kb_stamp = (vectors.texts.metadata or {}).get("mmrag_kb")
+    if kb_stamp != manifest["kb_id"]:
+        raise KnowledgeBaseError(
+            f"The Chroma collections {sorted(manifest['collections'].values())} belong to another knowledge base "
+            f"(kb_id {kb_stamp!r}, expected {manifest['kb_id']!r}). Check `url`."
+        )
+    return vectors
+
+
+def _du(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, f)).st_size
+    return total

@@ -1,0 +1,106 @@
+"""Creating and reading a knowledge base's manifest (``mmrag-kb.json``).
+
+The manifest stamps the schema version, the library version, the embedder id and dimension, the
+backend (embedded Chroma or a server) and the collection names. It is written last when a KB is
+created, so a folder without it is either not a KB or a creation that was killed (which the next
+open redoes).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+from mmrag import __version__
+
+from ..encoders import DualEncoder, normalize_model_id
+from ..errors import ConfigError, EmbedderMismatchError, NotAKnowledgeBaseError, SchemaVersionError
+
+MANIFEST_NAME = "mmrag-kb.json"
+SCHEMA_VERSION = 1
+LOCK_NAME = ".write.lock"
+HOLDER_NAME = "writer.json"
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def is_unfinished_creation(path: Path) -> bool:
+    """An empty folder, or one a creation killed before its manifest left (Chroma's data, the lock)."""
+    return {p.name for p in path.iterdir()} <= {"chroma", LOCK_NAME, HOLDER_NAME}
+
+
+def new_manifest(embedder: DualEncoder, url: str | None) -> dict:
+    kb_id = uuid.uuid4().hex
+    # In server mode many KBs share one Chroma; unique collection names keep them apart.
+    prefix = "mmrag" if url is None else f"mmrag-{kb_id[:12]}"
+    return {
+        "format": "mmrag-knowledge-base",
+        "schema_version": SCHEMA_VERSION,
+        "library_version": __version__,
+        "kb_id": kb_id,
+        "created_at": now(),
+        "embedder": {"model_id": normalize_model_id(embedder.model_id), "dim": embedder.dim},
+        "backend": "embedded" if url is None else "server",
+        "url": url,
+        "collections": {"images": f"{prefix}-images", "texts": f"{prefix}-texts"},
+    }
+
+
+def read_manifest(path: Path) -> dict:
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise NotAKnowledgeBaseError(f"Cannot read the knowledge-base manifest {str(path)!r}: {e}.") from e
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"The knowledge base {str(path.parent)!r} has schema version {version!r}; this mmrag "
+            f"({__version__}) reads version {SCHEMA_VERSION}. Re-ingest with this version or use a matching mmrag."
+        )
+    return manifest
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write through a temporary file and rename: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def resolve_manifest(path: Path, embedder: DualEncoder | None, url: str | None, create: bool) -> dict:
+    """The manifest of the KB at ``path``, or a new one when ``create`` and there is none yet;
+    refuses a folder that is not a KB, a ``url`` for an embedded KB and another embedder."""
+    manifest_path = path / MANIFEST_NAME
+    if manifest_path.exists():
+        manifest = read_manifest(manifest_path)
+    elif path.is_file() or (path.is_dir() and not is_unfinished_creation(path)):
+        raise NotAKnowledgeBaseError(
+            f"{str(path)!r} is not an mmrag knowledge base (no {MANIFEST_NAME}). "
+            "Pass the folder you ingested into, or an empty/new folder to create one."
+        )
+    elif not create:
+        raise NotAKnowledgeBaseError(
+            f"No knowledge base at {str(path)!r}. Create one with `mmrag ingest SOURCE --kb {path}`."
+        )
+    elif embedder is None:
+        raise ConfigError("`embedder` is required to create a knowledge base: pass a DualEncoder or a model id.")
+    else:
+        manifest = new_manifest(embedder, url)
+    if url is not None and manifest["backend"] == "embedded":
+        raise ConfigError(
+            f"`url` is {url!r} but the knowledge base at {str(path)!r} keeps its vectors in embedded Chroma; "
+            "drop `url` (or build a new KB against the server)."
+        )
+    if embedder is not None and embedder.model_id != manifest["embedder"]["model_id"]:
+        raise EmbedderMismatchError(
+            f"The knowledge base at {str(path)!r} was built with the embedder {manifest['embedder']['model_id']!r} "
+            f"(dim {manifest['embedder']['dim']}), not {embedder.model_id!r}. Open it without an embedder to use "
+            "its own, or ingest into a new KB."
+        )
+    return manifest
