@@ -69,13 +69,14 @@ def build_reranker(config: Config, *, vlm: Any = None):
     return reranker_from_config(r.name, **{key: model}, batch_size=r.batch_size, device=r.device)
 
 
-def build_retriever(config: Config, kb: KnowledgeBase, *, reranker: Any = None, captioner=None, rewriter=None):
-    """A :class:`MultimodalRetriever` over ``kb`` with the config's retriever settings."""
+def build_retriever(config: Config, kb: KnowledgeBase, *, captioner=None, rewriter=None):
+    """A :class:`MultimodalRetriever` over ``kb`` with the config's retriever settings (the
+    rerank stage is :class:`~mmrag.pipelines.search.SearchPipeline`'s)."""
     from mmrag.retrievers import MultimodalRetriever
 
     settings = config.retriever.model_dump()
     settings["channels"] = tuple(settings["channels"]) if settings["channels"] is not None else None
-    return MultimodalRetriever(kb, reranker=reranker, captioner=captioner, rewriter=rewriter, **settings)
+    return MultimodalRetriever(kb, captioner=captioner, rewriter=rewriter, **settings)
 
 
 def uses_tiny_models(config: Config, kb: KnowledgeBase | None = None) -> bool:
@@ -133,32 +134,3 @@ def vlm_rewriter(answerer):
         return text.strip()
 
     return rewrite
-
-
-def retrieve_and_rerank(retriever, reranker, query, k: int, *, where=None, rerank: bool = True,
-                        channels=None, rerank_query=None, timings: dict | None = None) -> list:
-    """The shared retrieve -> rerank stages of the pipelines: ``k`` hits for ``query``.
-
-    With a reranker, ``retriever.settings.rerank_candidates`` candidates are fetched and reranked
-    against ``rerank_query`` (default ``query``). An empty KB is an error that says what to do.
-    Stage seconds go into ``timings`` ("retrieve", "rerank").
-    """
-    import time
-
-    from mmrag.retrievers import KnowledgeBaseError
-
-    kb = retriever.kb
-    if kb.count() == 0:
-        raise KnowledgeBaseError(f"The knowledge base at {str(kb.path)!r} is empty: ingest records first "
-                                 "(mmrag ingest SOURCE --kb DIR), or pass references.")
-    timings = {} if timings is None else timings
-    use_reranker = rerank and reranker is not None
-    n = max(k, retriever.settings.rerank_candidates) if use_reranker else k
-    t = time.perf_counter()
-    hits = retriever.retrieve(query, k=n, where=where, **({"channels": channels} if channels else {}))
-    timings["retrieve"] = timings.get("retrieve", 0.0) + time.perf_counter() - t
-    if use_reranker and hits:
-        t = time.perf_counter()
-        hits = reranker.rank(query if rerank_query is None else rerank_query, hits, top_k=k)
-        timings["rerank"] = time.perf_counter() - t
-    return hits[:k]

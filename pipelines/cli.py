@@ -250,6 +250,7 @@ def _cmd_search(args) -> int:
 
     from .builders import build_reranker, build_retriever, open_knowledge_base, uses_tiny_models
     from .dev.report import TINY_NOTE, render_search, write_report
+    from .search import SearchPipeline
 
     if args.text is None and args.image is None:
         raise ConfigError("Give a query: TEXT, --image PATH, or both.")
@@ -269,8 +270,8 @@ def _cmd_search(args) -> int:
         answerer = build_answerer(cfg)
         captioner, rewriter = vlm_captioner(answerer), vlm_rewriter(answerer)
         rewriter = rewriter if cfg.retriever.composed_method == "cirevl" else None
-    retriever = build_retriever(cfg, kb, reranker=build_reranker(cfg), captioner=captioner, rewriter=rewriter)
-    hits = retriever.retrieve(query, k=args.k, where=where)
+    search = SearchPipeline(build_retriever(cfg, kb, captioner=captioner, rewriter=rewriter), build_reranker(cfg))
+    hits = search(query, k=args.k, where=where)
     if args.html:
         note = TINY_NOTE if uses_tiny_models(cfg, kb) else None
         path = write_report(args.html, "mmrag search", [render_search("query", query, hits)], note=note)
@@ -398,8 +399,10 @@ def _cmd_eval(args) -> int:
     queries = load_queries(args.queries)
     cfg = _config(args, **{"kb.path": args.kb, "kb.url": args.url})
     kb = open_knowledge_base(cfg, create=False)
-    retriever = build_retriever(cfg, kb, reranker=build_reranker(cfg))
-    report = evaluate_retrieval(retriever, queries, where=_parse_where(args.where), ablate_channels=not args.no_ablation)
+    from .search import SearchPipeline
+
+    search = SearchPipeline(build_retriever(cfg, kb), build_reranker(cfg))
+    report = evaluate_retrieval(search, queries, where=_parse_where(args.where), ablate_channels=not args.no_ablation)
     print(json.dumps(report.to_dict()) if args.json else report.table())
     return 0
 

@@ -10,15 +10,18 @@ offline models (built into ``tiny_models.cache_dir`` on first use).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.resources
 import os
+import typing
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from mmrag.retrievers.errors import ConfigError
+from mmrag.retrievers.retriever import RetrieverSettings
 from mmrag.retrievers.kb.images import DEFAULT_MAX_IMAGE_PIXELS
 from mmrag.retrievers.kb.sources import DEFAULT_MAX_TEXT_CHARS
 
@@ -57,28 +60,31 @@ class IngestConfig(_Section):
     report: str | None = None  # JSONL report path; None: <kb>/reports/ingest-<time>.jsonl
 
 
-class RetrieverConfig(_Section):
-    """Defaults for every query; any key can be overridden per call (see RetrieverSettings)."""
+class _RetrieverSection(_Section):
+    @model_validator(mode="after")
+    def _check(self):
+        try:  # the retriever's own checks, so that a bad value fails when the config loads
+            RetrieverSettings(**self.model_dump()).validate()
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        return self
 
-    channels: list[str] | None = None  # None: every channel the query's contents allow
-    fusion: Literal["rrf", "weighted"] = "rrf"
-    rrf_k: int = Field(60, gt=0)
-    weights: dict[str, float] = Field(default_factory=dict)
-    n_candidates: int = Field(50, gt=0)
-    composed_method: Literal["weimocir", "pdv", "cirevl"] = "weimocir"
-    weimocir_alpha: float = Field(0.8, ge=0, le=1)
-    weimocir_beta: float = Field(0.1, ge=0, le=1)
-    pdv_alpha_image: float = 1.0
-    pdv_alpha_text: float = 1.0
-    pdv_beta: float = Field(0.7, ge=0, le=1)
-    pdv_compose: str = "{reference}, {modifier}"
-    near_duplicate_threshold: float | None = Field(0.95, ge=-1, le=1)
-    mmr_lambda: float | None = Field(None, ge=0, le=1)
-    hubness: Literal["qbnorm", "dbnorm"] | None = None
-    hubness_beta: float = 20.0
-    hubness_gallery_beta: float = 20.0
-    hubness_bank_size: int = Field(2048, gt=0)
-    rerank_candidates: int = Field(30, gt=0)
+
+def _retriever_config() -> type[_Section]:
+    """RetrieverConfig takes its fields, types and defaults from :class:`RetrieverSettings` (one
+    source of truth: what a config sets is exactly what ``retrieve(**overrides)`` may change)."""
+    hints = typing.get_type_hints(RetrieverSettings)
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(RetrieverSettings):
+        default = (Field(default_factory=f.default_factory) if f.default_factory is not dataclasses.MISSING
+                   else f.default)
+        fields[f.name] = (hints[f.name], default)
+    model = create_model("RetrieverConfig", __base__=_RetrieverSection, **fields)
+    model.__doc__ = "Defaults for every query: the fields of RetrieverSettings, each overridable per call."
+    return model
+
+
+RetrieverConfig = _retriever_config()
 
 
 class RerankerConfig(_Section):
@@ -234,6 +240,8 @@ def _explain(error: ValidationError, where: str) -> str:
                 model = model.model_fields[part].annotation
             valid = ", ".join(sorted(model.model_fields))
             lines.append(f"unknown key `{loc}` in {where}; valid keys here: {valid}")
+        elif err["type"] == "value_error":  # a section's own check: its message names the key
+            lines.append(f"in `{loc}` of {where}: {str(err['ctx']['error']).rstrip('.')}")
         else:
             lines.append(f"`{loc}` in {where}: {err['msg']}, got {err.get('input')!r}")
     return "; ".join(lines) + "."

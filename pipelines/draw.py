@@ -19,6 +19,7 @@ from mmrag.generators import GenerationOutput, ReferenceDiffusionGenerator
 from mmrag.retrievers import ConfigError, Hit, MultimodalRetriever, Query, Record
 
 from .config import Config, load_config
+from .search import SearchPipeline, require_records
 
 
 @dataclass
@@ -124,9 +125,8 @@ class EntityImagePipeline:
         return guidance_from_config(guidance, **{k: v for k, v in params.items() if k in fields and v is not None})
 
     def _retrieve(self, prompt: str, k: int, where, rerank: bool, timings: dict[str, float]) -> list[Hit]:
-        from .builders import retrieve_and_rerank
-
-        return retrieve_and_rerank(self.retriever, self.reranker, Query(text=prompt), k, where=where, rerank=rerank,
+        require_records(self.retriever.kb)
+        return SearchPipeline(self.retriever, self.reranker)(Query(text=prompt), k, where=where, rerank=rerank,
                                    channels=self.channels, timings=timings)
 
 

@@ -20,6 +20,7 @@ from mmrag.generators.vlm import AnswerOutput, Reference, VLMAnswerer
 from mmrag.retrievers import ConfigError, Hit, KnowledgeBaseError, MultimodalRetriever, Query, Record
 
 from .config import Config, load_config
+from .search import SearchPipeline, require_records
 
 
 @dataclass
@@ -181,8 +182,6 @@ class RAGVQAPipeline:
     # ------------------------------------------------------------------ retrieval
     def _retrieve(self, question: str, image: Image.Image | None, k: int, where, rerank: bool,
                   timings: dict[str, float]) -> list[Hit]:
-        from .builders import retrieve_and_rerank
-
         t = time.perf_counter()
         text = question
         if self.two_stage and image is not None and self.retriever.kb.count() > 0:
@@ -191,9 +190,11 @@ class RAGVQAPipeline:
                                                channels=["image_to_image"])
             text = " ".join([question] + [h.record.text for h in entities])
         timings["retrieve"] = time.perf_counter() - t
-        return retrieve_and_rerank(self.retriever, self.reranker, Query(text=text, image=image), k, where=where,
-                                   rerank=rerank, channels=self._channels(image),
-                                   rerank_query=Query(text=question, image=image), timings=timings)
+        require_records(self.retriever.kb)
+        channels = self._channels(image)
+        return SearchPipeline(self.retriever, self.reranker)(
+            Query(text=text, image=image), k, where=where, rerank=rerank, rerank_query=Query(text=question, image=image),
+            timings=timings, **({"channels": channels} if channels is not None else {}))
 
     def _channels(self, image) -> tuple[str, ...] | None:
         if self.channels is not None:

@@ -1,4 +1,4 @@
-"""MultimodalRetriever: channels -> fusion -> post-processing -> optional rerank.
+"""MultimodalRetriever: channels -> fusion -> post-processing (the rerank stage is the pipelines').
 
 Channels (each over-fetches ``n_candidates`` and reports its own score):
 
@@ -156,22 +156,18 @@ class MultimodalRetriever:
         kb: the knowledge base.
         channels: the channels to run (default: all the query allows); see the module docstring.
         fusion: ``"rrf"`` (reciprocal rank fusion, k=60) or ``"weighted"`` (min-max scaled scores).
-        reranker: an object with ``rank(query, hits, top_k) -> list[Hit]`` applied last.
         captioner: ``image -> str``, injected by a pipeline (e.g. a VLM) for PDV's reference
             description and CIReVL when the query has no ``reference_text``.
         rewriter: ``(caption, modifier) -> str``, the CIReVL edit (a VLM with a prompts/ template).
         **settings: any :class:`RetrieverSettings` field, the defaults for every call.
     """
 
-    def __init__(self, kb: KnowledgeBase, channels: Sequence[str] | None = None, fusion: str = "rrf",
-                 reranker: Any = None, *, captioner: Callable[[Any], str] | None = None,
+    def __init__(self, kb: KnowledgeBase, channels: Sequence[str] | None = None, fusion: str = "rrf", *,
+                 captioner: Callable[[Any], str] | None = None,
                  rewriter: Callable[[str, str], str] | None = None, **settings: Any):
         if not isinstance(kb, KnowledgeBase):
             raise ConfigError(f"`kb` must be a KnowledgeBase, got {type(kb).__name__}.")
-        if reranker is not None and not callable(getattr(reranker, "rank", None)):
-            raise ConfigError(f"`reranker` must have a rank(query, hits, top_k) method, got {type(reranker).__name__}.")
         self.kb = kb
-        self.reranker = reranker
         self.captioner = captioner
         self.rewriter = rewriter
         self.settings = self._merge(RetrieverSettings(), dict(settings, channels=channels, fusion=fusion))
@@ -203,16 +199,16 @@ class MultimodalRetriever:
         emb = self.kb.embedder
         tv = emb.embed_texts([q.text])[0] if q.has_text else None
         iv = emb.embed_images([q.image])[0] if q.has_image else None
-        # A single prefix-stable channel (dense or lexical, ranked by RRF, no MMR, hubness or rerank)
+        # A single prefix-stable channel (dense or lexical, ranked by RRF, no MMR or hubness)
         # first fetches only 2k candidates: the near-duplicate walk keeps the same prefix whatever
         # follows, so if k hits survive it the answer is exactly the full fetch's, at a fraction of
         # the cost. Otherwise it fetches n_candidates.
         prefix_stable = (len(channels) == 1 and channels[0] != "composed" and s.fusion == "rrf"
                          and s.weights.get(channels[0], 1.0) > 0  # a zero weight ties every score
                          and not (channels[0] == "lexical" and where is not None)  # filtered after scoring
-                         and s.mmr_lambda is None and s.hubness is None and self.reranker is None)
+                         and s.mmr_lambda is None and s.hubness is None)
         sizes = [min(2 * k, s.n_candidates), s.n_candidates] if prefix_stable else [s.n_candidates]
-        limit = max(k, s.rerank_candidates) if self.reranker is not None else k
+        limit = k
         for n in dict.fromkeys(sizes):
             ids, scores, per_channel, exhausted = self._fused(q, tv, iv, channels, s, n, where, pool, limit)
             if len(ids) >= k or exhausted:
@@ -220,10 +216,7 @@ class MultimodalRetriever:
         hits = [Hit(id=rid, record=pool.record(rid), score=float(sc), rank=r,
                     scores={c: per_channel[c][rid] for c in channels if rid in per_channel[c]})
                 for r, (rid, sc) in enumerate(zip(ids[:limit], scores[:limit]), start=1)]
-        # 5. rerank
-        if self.reranker is not None and hits:
-            hits = self.reranker.rank(q, hits, top_k=k)
-        return hits[:k]
+        return hits
 
     def _fused(self, q: Query, tv, iv, channels: tuple[str, ...], s: RetrieverSettings, n: int, where,
                pool: _Pool, limit: int) -> tuple[list[str], np.ndarray, dict[str, dict[str, float]], bool]:

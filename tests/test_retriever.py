@@ -304,8 +304,10 @@ def test_unreadable_image_and_reranker_contract(kb, tmp_path):
     bad.write_bytes(b"not a png")
     with pytest.raises(ConfigError, match="not a readable image"):
         MultimodalRetriever(kb).retrieve(Query(image=bad))
+    from mmrag.pipelines.search import SearchPipeline
+
     with pytest.raises(ConfigError, match="rank"):
-        MultimodalRetriever(kb, reranker=object())
+        SearchPipeline(MultimodalRetriever(kb), reranker=object())
 
 
 def test_hnsw_recall_at_10_on_20k_records(tmp_path, tiny_clip):
