@@ -1,49 +1,34 @@
-"""Generators: the VLM answerer and the reference-grounded diffusion generator (see ARCHITECTURE.md)."""
+"""Generators: the VLM answerer, the reference-grounded diffusion generator and its guidance.
 
-from mmrag.generators.diffusion import CALLBACK_TENSOR_INPUTS, SCHEDULERS, GenerationOutput, ReferenceDiffusionGenerator
-from mmrag.generators.errors import (
-    ContextLengthError,
-    GenerationError,
-    GeneratorLoadError,
-    GeneratorsError,
-    GuidanceError,
-    UnsupportedModelError,
-)
-from mmrag.generators.guidance import (
-    GUIDANCES,
-    ROWS,
-    ClassifierFreeGuidance,
-    Guidance,
-    InterleavedGuidance,
-    JointGuidance,
-    Row,
-    guidance_from_config,
-)
-from mmrag.generators.vlm import AnswerOutput, AnswerStream, ChoiceOutput, Reference, VLMAnswerer, parse_citations
+Names load on first use (PEP 562): ``mmrag.generators.guidance`` needs only torch, and importing it
+(the config does, for the default guidance) must not pay for importing diffusers.
+"""
 
-__all__ = [
-    "AnswerOutput",
-    "AnswerStream",
-    "CALLBACK_TENSOR_INPUTS",
-    "GUIDANCES",
-    "ROWS",
-    "SCHEDULERS",
-    "ChoiceOutput",
-    "ClassifierFreeGuidance",
-    "ContextLengthError",
-    "GenerationError",
-    "GenerationOutput",
-    "GeneratorLoadError",
-    "GeneratorsError",
-    "Guidance",
-    "GuidanceError",
-    "InterleavedGuidance",
-    "JointGuidance",
-    "Reference",
-    "ReferenceDiffusionGenerator",
-    "Row",
-    "UnsupportedModelError",
-    "VLMAnswerer",
-    "guidance_from_config",
-    "parse_citations",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_MODULES = {
+    "diffusion": ("CALLBACK_TENSOR_INPUTS", "SCHEDULERS", "GenerationOutput", "ReferenceDiffusionGenerator"),
+    "errors": ("ContextLengthError", "GenerationError", "GeneratorLoadError", "GeneratorsError", "GuidanceError",
+               "UnsupportedModelError"),
+    "guidance": ("GUIDANCES", "ROWS", "ClassifierFreeGuidance", "Guidance", "InterleavedGuidance", "JointGuidance",
+                 "Row", "guidance_from_config"),
+    "vlm": ("AnswerOutput", "AnswerStream", "ChoiceOutput", "Reference", "VLMAnswerer", "parse_citations"),
+}
+_EXPORTS = {name: f"mmrag.generators.{module}" for module, names in _MODULES.items() for name in names}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'mmrag.generators' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

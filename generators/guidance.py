@@ -1,6 +1,6 @@
 """Guidance objects: which denoiser rows a step needs, and how to combine their predictions.
 
-Notation (ARCHITECTURE.md, "Guidance"): c_t is the text condition, c_r the reference condition (the
+Notation: c_t is the text condition, c_r the reference condition (the
 IP-Adapter image embeddings of the retrieved references), eps(x, ., .) the denoiser's prediction, and
 "0" a dropped condition: the negative/empty prompt for text, zero image embeddings for references
 (what the IP-Adapter's unconditional branch uses, and how its checkpoints were trained to drop).
@@ -17,6 +17,16 @@ so the loop batches exactly the rows asked for into one denoiser call. Each row 
     "drop_text"       eps(x, 0,   c_r)
     "drop_reference"  eps(x, c_t, 0)
     "drop_both"       eps(x, 0,   0)
+
+The guided predictions (w_t, w_r the text and reference scales):
+
+    cfg          eps = eps(x,0,0) + w_t * (eps(x,c_t,c_r) - eps(x,0,0))         text and references dropped together
+    text-enh.    eps_t = w_t * eps(x,c_t,c_r) - (w_t - 1) * eps(x,0,c_r)
+    ref.-enh.    eps_r = w_r * eps(x,c_t,c_r) - (w_r - 1) * eps(x,c_t,0)
+    interleaved  each step one of eps_t, eps_r (Re-Imagen); a share eta of the steps, spread evenly and
+                 deterministically over the schedule, use eps_t; two rows per image per step
+    joint        eps(x,c_t,c_r) + (w_t-1)(eps(x,c_t,c_r) - eps(x,0,c_r)) + (w_r-1)(eps(x,c_t,c_r) - eps(x,c_t,0));
+                 three rows per image per step
 
 Guidance objects are frozen dataclasses: ``to_dict()`` gives ``{"name": ..., **parameters}`` and
 `guidance_from_config` (or ``Guidance.from_dict``) rebuilds one from a name or such a dict.
@@ -36,9 +46,14 @@ from mmrag.generators.errors import GuidanceError
 Row = Literal["cond", "drop_text", "drop_reference", "drop_both"]
 ROWS: tuple[Row, ...] = ("cond", "drop_text", "drop_reference", "drop_both")
 
-# Starting points, not tuned values: SD 1.x's usual CFG scale for both directions, and an even split
-# of the steps (the anchors suggest w_t ~ w_r ~ 5-7.5 and eta in {0.25, 0.5, 0.75} to explore).
+# Starting points, not tuned values (random-weight models cannot tune them). The text scale is SD
+# 1.x's usual CFG scale. The reference scale sits at the low end of the SD-scale range the anchors
+# give (3-8): the IP-Adapter scale already sets how strongly the references enter eps(c_t, c_r), and
+# w_r extrapolates further away from eps(c_t, 0) on top of it. An even split of the steps between
+# the two directions (eta in {0.25, 0.5, 0.75} to explore). These are the only defaults: the
+# pipelines' config (draw.guidance) takes them from here.
 DEFAULT_SCALE = 7.5
+DEFAULT_REFERENCE_SCALE = 3.0
 DEFAULT_ETA = 0.5
 
 
@@ -120,7 +135,7 @@ class JointGuidance(Guidance):
 
     name: ClassVar[str] = "joint"
     text_scale: float = DEFAULT_SCALE
-    reference_scale: float = DEFAULT_SCALE
+    reference_scale: float = DEFAULT_REFERENCE_SCALE
 
     def __post_init__(self):
         object.__setattr__(self, "text_scale", _check_scale("text_scale", self.text_scale))
@@ -149,7 +164,7 @@ class InterleavedGuidance(Guidance):
 
     name: ClassVar[str] = "interleaved"
     text_scale: float = DEFAULT_SCALE
-    reference_scale: float = DEFAULT_SCALE
+    reference_scale: float = DEFAULT_REFERENCE_SCALE
     eta: float = DEFAULT_ETA
 
     def __post_init__(self):

@@ -11,7 +11,11 @@ texts are joined with a newline into one text item, since some chat templates (I
 nothing between items.
 
 It then answers (greedy, or sampled with a seed; streamed; batched with left padding) or, for
-multiple choice (MRAG-Bench), picks the option the model finds most likely as its reply.
+multiple choice, picks the option the model finds most likely as its reply (:meth:`VLMAnswerer.choose`):
+either each option's text is scored as the reply (lm-evaluation-harness's ``multiple_choice``), or, as
+MRAG-Bench asks, the options are listed in the prompt lettered ``A: ...``, ``B: ...`` (the question part
+becomes ``<template>_letters_{question,plain}`` with one ``<template>_letters_option`` line per option)
+and the letter is scored.
 
 References that would overflow the model's context are dropped, lowest score first; the output lists
 them. The answer's citations ``[n]`` are parsed back into reference labels.
@@ -27,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import PIL.Image
 import torch
@@ -39,6 +43,15 @@ from mmrag.prompts import TemplateError, load_template, render
 
 # The parts of a template family and the fields each takes.
 TEMPLATE_PARTS = {"intro": set(), "reference": {"label", "text"}, "question": {"question"}, "plain": {"question"}}
+# The parts choice_format="letters" needs too: one line per option, and the question part that lists them.
+LETTER_TEMPLATE_PARTS = {"letters_option": {"letter", "text"}, "letters_question": {"question", "options"},
+                         "letters_plain": {"question", "options"}}
+ChoiceFormat = Literal["options", "letters"]
+LengthNormalization = Literal["none", "tokens", "chars"]
+CHOICE_FORMATS: tuple[str, ...] = get_args(ChoiceFormat)
+LENGTH_NORMALIZATIONS: tuple[str, ...] = get_args(LengthNormalization)
+# MRAG-Bench letters its four options A-D; beyond Z there is no single letter to score.
+CHOICE_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 # "[3]" or "[1, 2]"; ranges such as "[1-3]" are not citations here.
 _CITATION = re.compile(r"\[\s*(\d+(?:\s*,\s*\d+)*)\s*\]")
 _IMAGE = {"type": "image"}
@@ -69,10 +82,13 @@ class AnswerOutput:
 class ChoiceOutput:
     choice: str  # the option with the highest score
     index: int
-    scores: list[float]  # per option: its log-likelihood as the reply (per token if length-normalised)
+    scores: list[float]  # per option: log_likelihoods[i] divided as `length_normalization` says
     prompt: str
     references: list[Reference]
     dropped: list[Reference]
+    log_likelihoods: list[float]  # per option: log p(its reply | prompt), the reply being its text or its letter
+    choice_format: str  # "options" or "letters": what was scored
+    length_normalization: str  # "none", "tokens" or "chars"
 
 
 def parse_citations(text: str, n_references: int) -> list[int]:
@@ -113,14 +129,22 @@ class VLMAnswerer:
             of :data:`TEMPLATE_PARTS`.
         max_context_tokens: the context length to fit prompts into; ``None``: the text model's
             ``max_position_embeddings`` (no limit when the config has none).
-        length_normalize: :meth:`choose` divides each option's log-likelihood by its token count.
+        choice_format, length_normalization: :meth:`choose`'s defaults (see there): score each option's
+            text (``"options"``) or its letter in a lettered prompt (``"letters"``, MRAG-Bench); divide
+            the log-likelihood by nothing (``"none"``), the reply's token count (``"tokens"``) or the
+            scored text's characters (``"chars"``, lm-evaluation-harness's ``acc_norm``).
     """
 
     def __init__(self, model_id: str | os.PathLike, *, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, max_new_tokens: int = 64, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None, template: str = "vqa",
                  trust_remote_code: bool = False, max_context_tokens: int | None = None,
-                 length_normalize: bool = True):
+                 choice_format: ChoiceFormat = "options",
+                 # "chars" by default: it is the harness's acc_norm, the number leaderboards report, and
+                 # unlike a per-token mean it does not depend on how a model's tokenizer splits the option,
+                 # so models with different vocabularies rank options on one scale. With "letters" it is
+                 # a no-op (every letter is one character).
+                 length_normalization: LengthNormalization = "chars"):
         _check_positive_int("max_new_tokens", max_new_tokens)
         _check_seed(seed)
         if max_context_tokens is not None:
@@ -130,7 +154,11 @@ class VLMAnswerer:
         if not _is_number(top_p) or not 0 < top_p <= 1:
             raise GenerationError(f"`top_p` must be a number in (0, 1], got {top_p!r}.")
         dtype = parse_dtype(dtype)
-        _check_template(template)
+        _check_one_of("choice_format", choice_format, CHOICE_FORMATS)
+        _check_one_of("length_normalization", length_normalization, LENGTH_NORMALIZATIONS)
+        _check_template(template, TEMPLATE_PARTS)
+        if choice_format == "letters":
+            _check_template(template, LETTER_TEMPLATE_PARTS, "choice_format='letters'")
         self.model_id = str(model_id)
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device is None else device)
         if dtype is None and self.device.type == "cuda":
@@ -144,7 +172,8 @@ class VLMAnswerer:
         self.template = template
         self.trust_remote_code = trust_remote_code
         self.max_context_tokens = max_context_tokens
-        self.length_normalize = length_normalize
+        self.choice_format = choice_format
+        self.length_normalization = length_normalization
         self._model = None
         self._processor = None
         self._lock = threading.Lock()
@@ -202,14 +231,19 @@ class VLMAnswerer:
         return self.warm_up()._processor
 
     # ------------------------------------------------------------------------------------- prompts
-    def build_prompt(self, question: str, images: Any = None, references: Sequence[Reference] | None = ()
-                     ) -> tuple[str, list[PIL.Image.Image]]:
-        """The rendered prompt and its images in prompt order (query image(s), then reference images)."""
+    def build_prompt(self, question: str, images: Any = None, references: Sequence[Reference] | None = (),
+                     choices: Sequence[str] | None = None) -> tuple[str, list[PIL.Image.Image]]:
+        """The rendered prompt and its images in prompt order (query image(s), then reference images).
+        With ``choices``, the prompt that lists them lettered (what ``choose(choice_format="letters")`` scores)."""
         _check_question(question)
-        return self._render(question, _as_images("images", images), _check_references("references", references))
+        if choices is not None:
+            _check_letter_choices(choices)
+            _check_template(self.template, LETTER_TEMPLATE_PARTS, "choice_format='letters'")
+        return self._render(question, _as_images("images", images), _check_references("references", references),
+                            choices)
 
-    def _render(self, question: str, images: list[PIL.Image.Image], references: list[Reference]
-                ) -> tuple[str, list[PIL.Image.Image]]:
+    def _render(self, question: str, images: list[PIL.Image.Image], references: list[Reference],
+                choices: Sequence[str] | None = None) -> tuple[str, list[PIL.Image.Image]]:
         content = [_IMAGE] * len(images)
         prompt_images = list(images)
 
@@ -226,20 +260,25 @@ class VLMAnswerer:
                     content.append(_IMAGE)
                     prompt_images.append(reference.image)
                 add_text(render(f"{self.template}_reference", label=str(label), text=reference.text).strip())
-            add_text(render(f"{self.template}_question", question=question))
+        # The question part: as is, or (choices given) followed by its options lettered A, B, ...
+        part = "question" if references else "plain"
+        if choices is None:
+            add_text(render(f"{self.template}_{part}", question=question))
         else:
-            add_text(render(f"{self.template}_plain", question=question))
+            options = "\n".join(render(f"{self.template}_letters_option", letter=letter, text=choice)
+                                for letter, choice in zip(CHOICE_LETTERS, choices))
+            add_text(render(f"{self.template}_letters_{part}", question=question, options=options))
         messages = [{"role": "user", "content": content}]
         return self.processor.apply_chat_template(messages, add_generation_prompt=True), prompt_images
 
     def _fit(self, question: str, images: list[PIL.Image.Image], references: list[Reference],
-             reserve: int) -> _FittedPrompt:
+             reserve: int, choices: Sequence[str] | None = None) -> _FittedPrompt:
         """Render the prompt, dropping the lowest-scored reference (ties: the last; no score counts as
         the lowest) until its tokens + ``reserve`` (the tokens to generate) fit the context."""
         limit = self._context_length()
         kept, dropped = list(references), []
         while True:
-            text, prompt_images = self._render(question, images, kept)
+            text, prompt_images = self._render(question, images, kept, choices)
             # Processing the images is the only exact count: processors expand each image differently.
             inputs = self._process([text], [prompt_images])
             input_ids = inputs["input_ids"]  # (1, length)
@@ -382,23 +421,60 @@ class VLMAnswerer:
     # ------------------------------------------------------------------------------ multiple choice
     @torch.inference_mode()
     def choose(self, question: str, choices: Sequence[str], image: Any = None,
-               references: Sequence[Reference] | None = ()) -> ChoiceOutput:
-        """Pick the option the model finds most likely as its reply to the prompt (MRAG-Bench's multiple
-        choice, scored as lm-evaluation-harness does, without listing the options in the prompt).
+               references: Sequence[Reference] | None = (), *, choice_format: ChoiceFormat | None = None,
+               length_normalization: LengthNormalization | None = None) -> ChoiceOutput:
+        """Pick the option whose reply the model finds most likely after the prompt.
 
-        An option's score is the sum over its tokens of log p(token | prompt, earlier tokens), teacher
-        forced in one right-padded forward pass over all options, divided by its token count when
-        ``length_normalize``. Ties go to the first option.
+        ``choice_format`` (``None``: the answerer's) says what is scored:
+
+        - ``"options"``: the prompt does not list the options, and each option's text is scored as the
+          reply, as lm-evaluation-harness scores a ``multiple_choice`` task.
+        - ``"letters"``: MRAG-Bench's protocol (``eval/utils/dataloader.py``): the prompt lists the options
+          as ``A: ...``, ``B: ...`` (templates ``<template>_letters_*``) and asks for the letter; each
+          letter is scored as the reply, and the likeliest letter's option is chosen. At most 26 options.
+
+        A reply's log-likelihood is the sum over its tokens of log p(token | prompt, earlier tokens),
+        teacher forced in one right-padded forward pass over all replies. Its score is that divided as
+        ``length_normalization`` (``None``: the answerer's) says: ``"none"``, not at all (the harness's
+        ``acc``); ``"tokens"``, by the reply's token count (the mean token log-prob); ``"chars"``, by the
+        length in characters of the scored text, the option or its letter (the harness's ``acc_norm``:
+        ``lls / completion_len`` with ``completion_len = len(choice)``, Unicode code points of the option
+        without the space before it, not UTF-8 bytes, which the harness counts only for perplexities;
+        ``lm_eval/api/task.py``). Ties go to the first option.
         """
         _check_question(question)
         _check_choices(choices)
+        choice_format = self.choice_format if choice_format is None else choice_format
+        length_normalization = self.length_normalization if length_normalization is None else length_normalization
+        _check_one_of("choice_format", choice_format, CHOICE_FORMATS)
+        _check_one_of("length_normalization", length_normalization, LENGTH_NORMALIZATIONS)
         images = _as_images("image", image)
         references = _check_references("references", references)
-        replies = [self._reply(choice) for choice in choices]
+        lettered = choice_format == "letters"
+        if lettered:
+            _check_letter_choices(choices)
+            _check_template(self.template, LETTER_TEMPLATE_PARTS, "choice_format='letters'")
+        scored = list(CHOICE_LETTERS[: len(choices)]) if lettered else list(choices)  # the texts scored as replies
+        replies = [self._reply(text) for text in scored]
         tokenizer = self.processor.tokenizer
         reserve = max(len(tokenizer(reply, add_special_tokens=False)["input_ids"]) for reply in replies)
-        prompt = self._fit(question, images, references, reserve=reserve)
+        prompt = self._fit(question, images, references, reserve=reserve, choices=choices if lettered else None)
 
+        log_likelihoods, token_counts = self._reply_log_likelihoods(prompt, replies)  # (n,), (n,)
+        if length_normalization == "tokens":
+            scores = log_likelihoods / token_counts
+        elif length_normalization == "chars":
+            scores = log_likelihoods / torch.tensor([float(len(text)) for text in scored])
+        else:
+            scores = log_likelihoods
+        index = int(scores.argmax())
+        return ChoiceOutput(choice=choices[index], index=index, scores=scores.tolist(), prompt=prompt.text,
+                            references=prompt.references, dropped=prompt.dropped,
+                            log_likelihoods=log_likelihoods.tolist(), choice_format=choice_format,
+                            length_normalization=length_normalization)
+
+    def _reply_log_likelihoods(self, prompt: _FittedPrompt, replies: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log p(reply | prompt) per reply, float32 on the CPU; each reply's token count)."""
         # As lm-evaluation-harness: tokenize prompt + reply whole, and the reply's tokens are those after
         # the prompt's own token count (so word-start tokens come out as in a real reply).
         inputs = self._process([prompt.text + reply for reply in replies], [prompt.images] * len(replies),
@@ -412,12 +488,7 @@ class VLMAnswerer:
         targets = input_ids[:, start:]  # (n, L - start)
         token_log_probs = logits.log_softmax(dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         mask = inputs["attention_mask"][:, start:].to(token_log_probs.dtype)  # 0 on right padding
-        scores = (token_log_probs * mask).sum(dim=-1)  # (n,)
-        if self.length_normalize:
-            scores = scores / mask.sum(dim=-1)
-        index = int(scores.argmax())
-        return ChoiceOutput(choice=choices[index], index=index, scores=scores.tolist(), prompt=prompt.text,
-                            references=prompt.references, dropped=prompt.dropped)
+        return (token_log_probs * mask).sum(dim=-1).cpu(), mask.sum(dim=-1).cpu()  # (n,), (n,)
 
     def _reply(self, choice: str) -> str:
         """``choice`` as the chat template writes an assistant reply right after the generation prompt
@@ -502,12 +573,18 @@ def _check_seed(seed: Any) -> None:
         raise GenerationError(f"`seed` must be an integer or None, got {seed!r}.")
 
 
-def _check_template(template: str) -> None:
-    for part, fields in TEMPLATE_PARTS.items():
+def _check_one_of(name: str, value: Any, valid: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in valid:
+        raise GenerationError(f"`{name}` must be one of {', '.join(map(repr, valid))}, got {value!r}.")
+
+
+def _check_template(template: str, parts: dict[str, set[str]], needed_by: str | None = None) -> None:
+    for part, fields in parts.items():
         try:
             found = set(load_template(f"{template}_{part}").get_identifiers())
         except TemplateError as error:
-            raise GenerationError(f"`template` {template!r} lacks its {part!r} part: {error}") from None
+            needed = "" if needed_by is None else f" (needed by {needed_by})"
+            raise GenerationError(f"`template` {template!r} lacks its {part!r} part{needed}: {error}") from None
         if found != fields:
             raise GenerationError(f"`template` {template!r}: {template}_{part}.txt must take the fields "
                                   f"{sorted(fields)}, it takes {sorted(found)}.")
@@ -527,6 +604,15 @@ def _check_choices(choices: Any) -> None:
     duplicates = sorted({choice for choice in choices if choices.count(choice) > 1})
     if duplicates:
         raise GenerationError(f"`choices` must be distinct; {duplicates!r} appear more than once. Remove the repeats.")
+
+
+def _check_letter_choices(choices: Any) -> None:
+    _check_choices(choices)
+    if len(choices) > len(CHOICE_LETTERS):
+        raise GenerationError(
+            f"`choices` has {len(choices)} options, more than the {len(CHOICE_LETTERS)} letters A-Z that "
+            f"choice_format='letters' labels them with; pass at most {len(CHOICE_LETTERS)} options, or use "
+            "choice_format='options'.")
 
 
 def _as_images(name: str, image: Any) -> list[PIL.Image.Image]:

@@ -6,14 +6,37 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mmrag.retrievers import DualEncoder, KnowledgeBase
+from mmrag.retrievers import ConfigError, DualEncoder, KnowledgeBase
 from mmrag.retrievers.kb import MANIFEST_NAME
 
 from .config import TINY_PREFIX, Config
 
 
+def check_device(name: str, device: str | None) -> None:
+    """Refuse a device this machine does not have, with the fix, before any model loads."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"`{name}` {device!r} is not a device; use cpu, cuda, cuda:N or mps.") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"`{name}` is {device!r} but CUDA is not available on this machine; use cpu.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"`{name}` is {device!r} but this machine has {torch.cuda.device_count()} CUDA "
+                              f"device(s): use cuda:0..cuda:{torch.cuda.device_count() - 1}.")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"`{name}` is {device!r} but MPS is not available on this machine; use cpu.")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"`{name}` {device!r} is not supported; use cpu, cuda, cuda:N or mps.")
+
+
 def build_embedder(config: Config) -> DualEncoder:
     e = config.embedder
+    check_device("embedder.device", e.device)
     return DualEncoder(config.resolve_model(e.model), device=e.device, dtype=e.dtype, batch_size=e.batch_size,
                        trust_remote_code=e.trust_remote_code)
 
@@ -29,10 +52,11 @@ def open_knowledge_base(config: Config, *, create: bool = True) -> KnowledgeBase
     path = Path(kb.path).expanduser()
     exists = (path / MANIFEST_NAME).exists()
     embedder = None
-    if not exists or "model" in config.embedder.model_fields_set:
+    if (not exists and create) or (exists and "model" in config.embedder.model_fields_set):
         embedder = build_embedder(config)
     elif exists:
         _rebuild_missing_tiny_model(path, config)
+    # (no KB and create=False: KnowledgeBase.open says so, before any model is looked for)
     return KnowledgeBase.open(path, embedder, kb.url, create=create, lock_timeout=kb.lock_timeout,
                               max_image_pixels=kb.max_image_pixels, max_text_chars=kb.max_text_chars,
                               allow_remote=kb.allow_remote, hnsw=kb.hnsw)
@@ -52,21 +76,22 @@ def _rebuild_missing_tiny_model(path: Path, config: Config) -> None:
 def build_reranker(config: Config, *, vlm: Any = None):
     """The configured reranker, or ``None`` when ``reranker.name`` is null.
 
-    ``vlm`` (an object with ``.model`` and ``.processor``) is required for the ``vlm`` reranker;
-    pipelines pass their own answering VLM.
+    The ``vlm`` reranker scores with a VLM: ``vlm`` (an object with ``.model`` and ``.processor``,
+    such as the answering pipeline's :class:`VLMAnswerer`) when given, else the config's own VLM.
     """
-    from mmrag.retrievers.rerank import (DEFAULT_CROSS_ENCODER_RERANKER, DEFAULT_DUAL_ENCODER_RERANKER,
-                                   reranker_from_config)
+    from mmrag.retrievers.rerank import reranker_from_config
 
     r = config.reranker
     if r.name is None:
         return None
+    check_device("reranker.device", r.device)
     if r.name == "vlm":
-        return reranker_from_config("vlm", vlm=vlm, batch_size=r.batch_size)
-    default = DEFAULT_DUAL_ENCODER_RERANKER if r.name == "dual_encoder" else DEFAULT_CROSS_ENCODER_RERANKER
-    model = config.resolve_model(r.model if r.model is not None else default)
-    key = "encoder" if r.name == "dual_encoder" else "model_id"
-    return reranker_from_config(r.name, **{key: model}, batch_size=r.batch_size, device=r.device)
+        return reranker_from_config("vlm", vlm=build_answerer(config) if vlm is None else vlm, batch_size=r.batch_size)
+    if r.name == "dual_encoder":
+        return reranker_from_config("dual_encoder", encoder=config.resolve_model(r.dual_encoder_model),
+                                    batch_size=r.batch_size, device=r.device)
+    return reranker_from_config("cross_encoder", model_id=config.resolve_model(r.cross_encoder_model),
+                                batch_size=r.batch_size, device=r.device)
 
 
 def build_retriever(config: Config, kb: KnowledgeBase, *, captioner=None, rewriter=None):
@@ -95,10 +120,12 @@ def build_answerer(config: Config):
     from mmrag.generators.vlm import VLMAnswerer
 
     v = config.vlm
+    check_device("vlm.device", v.device)
     return VLMAnswerer(config.resolve_model(v.model), device=v.device, dtype=v.dtype, max_new_tokens=v.max_new_tokens,
                        do_sample=v.do_sample, temperature=v.temperature, top_p=v.top_p, seed=v.seed,
                        template=v.template, trust_remote_code=v.trust_remote_code,
-                       max_context_tokens=v.max_context_tokens, length_normalize=v.length_normalize)
+                       max_context_tokens=v.max_context_tokens, choice_format=v.choice_format,
+                       length_normalization=v.length_normalization)
 
 
 def build_generator(config: Config):
@@ -106,6 +133,7 @@ def build_generator(config: Config):
     from mmrag.generators import ReferenceDiffusionGenerator
 
     d = config.diffusion
+    check_device("diffusion.device", d.device)
     return ReferenceDiffusionGenerator(config.resolve_model(d.model), ip_adapter=config.resolve_model(d.ip_adapter),
                                        ip_adapter_subfolder=d.ip_adapter_subfolder,
                                        ip_adapter_weight_name=d.ip_adapter_weight_name,

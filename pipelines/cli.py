@@ -18,8 +18,21 @@ EXIT_ERROR = 2  # a problem with the input or the environment the user can fix
 EXIT_BUG = 1  # an unexpected failure
 
 
-def _add_config(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="FILE", help="YAML config or preset name (default, tiny); flags override it")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _common(models: bool = True) -> argparse.ArgumentParser:
+    """Options every subcommand takes (``models``: the ones that load models also take --device/--dtype)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--config", metavar="FILE",
+                   help="YAML config or preset name (default, tiny); flags override its values")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show mmrag's info logs and third-party loading bars and warnings (MMRAG_LOG=debug: all)")
+    if models:
+        p.add_argument("--device", metavar="DEVICE",
+                       help="run every model here: cpu, cuda, cuda:N or mps (default: CUDA when present, else CPU)")
+        p.add_argument("--dtype", choices=DTYPES, help="weights' dtype (default: float16 on CUDA, float32 on CPU)")
+    return p
 
 
 def _add_kb(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -27,113 +40,140 @@ def _add_kb(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--url", metavar="URL", help="Chroma server holding the vectors (http://127.0.0.1:PORT)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mmrag", description="Retrieval-augmented multimodal generation.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _add_output(p: argparse.ArgumentParser, what: str = "JSON") -> None:
+    p.add_argument("--json", action="store_true", help=f"print {what} instead of a table")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (it is drawn only on a terminal)")
 
-    p = sub.add_parser("ingest", help="add a folder, JSONL/CSV manifest, or WebDataset shards to a knowledge base")
+
+def build_parser() -> argparse.ArgumentParser:
+    from mmrag import __version__
+    from mmrag.retrievers.retriever import CHANNELS, COMPOSED_METHODS, FUSIONS
+
+    channels = ", ".join(CHANNELS)
+    models, plain = _common(), _common(models=False)
+    parser = argparse.ArgumentParser(prog="mmrag", description="Retrieval-augmented multimodal generation.")
+    parser.add_argument("--version", action="version", version=f"mmrag {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do")
+
+    p = sub.add_parser("ingest", parents=[models],
+                       help="add a folder, JSONL/CSV manifest, or WebDataset shards to a knowledge base")
     p.add_argument("source", help="folder, .jsonl, .csv, .tar (or a glob of .tar shards)")
     _add_kb(p)
-    _add_config(p)
+    p.add_argument("--base-dir", metavar="DIR",
+                   help="let a manifest name absolute paths or paths outside its folder, when inside DIR "
+                        "(off by default: manifest paths must stay in the manifest's folder)")
     p.add_argument("--batch-size", type=int, help="items embedded and written per batch")
-    p.add_argument("--report", metavar="FILE", help="write the full report as JSONL here")
-    p.add_argument("--allow-remote", action="store_true", default=None, help="fetch http(s) image URLs")
-    p.add_argument("--lock-timeout", type=float, metavar="S", help="wait this long for another writer")
-    p.add_argument("--json", action="store_true", help="print the report summary as JSON")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--report", metavar="FILE", help="write the full report as JSONL here (default: KB/reports/)")
+    p.add_argument("--allow-remote", action="store_true", default=None, help="fetch http(s) image URLs in manifests")
+    p.add_argument("--lock-timeout", type=float, metavar="S", help="wait this many seconds for another writer")
+    _add_output(p, "the report summary as JSON")
 
-    kb = sub.add_parser("kb", help="inspect a knowledge base").add_subparsers(dest="kb_command", required=True, metavar="SUBCOMMAND")
-    for name, helptext in (("info", "counts, embedder, size on disk"), ("verify", "check ids, vectors and images agree")):
-        p = kb.add_parser(name, help=helptext)
+    kb = sub.add_parser("kb", help="inspect a knowledge base").add_subparsers(
+        dest="kb_command", required=True, metavar="SUBCOMMAND", help="info or verify")
+    for name, helptext in (("info", "counts, embedder, size on disk"),
+                           ("verify", "check ids, vectors and images agree (exit 2 when they do not)")):
+        p = kb.add_parser(name, parents=[plain], help=helptext)
         _add_kb(p)
-        _add_config(p)
         p.add_argument("--json", action="store_true", help="print JSON")
 
-    p = sub.add_parser("search", help="retrieve records for a text, an image, or both")
+    p = sub.add_parser("search", parents=[models], help="retrieve records for a text, an image, or both")
     p.add_argument("text", nargs="?", help="query text (with --image: the modifier of a composed query)")
     p.add_argument("--image", metavar="PATH", help="query image")
     p.add_argument("--reference-text", metavar="TEXT", help="description of --image (for composed_method pdv)")
     _add_kb(p)
-    _add_config(p)
     p.add_argument("-k", type=int, default=10, help="number of hits (default 10)")
     p.add_argument("--where", metavar="JSON", help='metadata filter, e.g. \'{"kind": "dog"}\'')
-    p.add_argument("--channels", nargs="+", metavar="NAME", help="restrict to these channels")
-    p.add_argument("--fusion", choices=["rrf", "weighted"])
-    p.add_argument("--composed", choices=["weimocir", "pdv", "cirevl"], help="composed-query method")
-    p.add_argument("--hubness", choices=["qbnorm", "dbnorm"])
-    p.add_argument("--rerank", choices=["dual_encoder", "cross_encoder"], help="rerank with this reranker")
+    p.add_argument("--channels", nargs="+", metavar="NAME", choices=list(CHANNELS),
+                   help=f"restrict to these channels: {channels} (default: all the query allows)")
+    p.add_argument("--fusion", choices=list(FUSIONS), help="rrf (reciprocal rank fusion) or weighted (scaled scores)")
+    p.add_argument("--composed", choices=list(COMPOSED_METHODS), help="composed-query method for image + text")
+    p.add_argument("--hubness", choices=["qbnorm", "dbnorm"], help="hubness normalisation of the scores")
+    p.add_argument("--rerank", choices=["dual_encoder", "cross_encoder", "vlm"],
+                   help="rerank with this reranker (its model from the config)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--html", metavar="FILE", help="also write an HTML gallery")
 
-    p = sub.add_parser("ask", help="answer a question about an image with references from the KB")
-    p.add_argument("question")
+    p = sub.add_parser("ask", parents=[models], help="answer a question about an image with references from the KB")
+    p.add_argument("question", help="the question")
     p.add_argument("--image", metavar="PATH", help="the image the question is about")
     _add_kb(p)
-    _add_config(p)
-    p.add_argument("-k", type=int, help="references to retrieve (default from config: 3)")
+    p.add_argument("-k", type=int, help="references to retrieve (default: vqa.k of the config)")
     p.add_argument("--where", metavar="JSON", help="metadata filter for the references")
     p.add_argument("--choices", metavar="A;B;C", help="multiple choice: options separated by ';'")
+    p.add_argument("--choice-format", choices=["options", "letters"],
+                   help="multiple choice: score each option's text, or list them A:, B:, ... and score the "
+                        "letter (MRAG-Bench) (default: vlm.choice_format)")
+    p.add_argument("--length-normalization", choices=["none", "tokens", "chars"],
+                   help="multiple choice: divide an option's log-likelihood by nothing, its tokens, or its "
+                        "characters (lm-evaluation-harness acc_norm) (default: vlm.length_normalization)")
+    p.add_argument("--rerank", choices=["dual_encoder", "cross_encoder", "vlm"],
+                   help="rerank the references with this reranker (default: reranker.name of the config)")
     p.add_argument("--no-rerank", action="store_true", help="skip the rerank stage")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--html", metavar="FILE", help="also write an HTML report")
 
-    p = sub.add_parser("draw", help="draw a prompt grounded on reference images from the KB")
-    p.add_argument("prompt")
+    p = sub.add_parser("draw", parents=[models], help="draw a prompt grounded on reference images from the KB")
+    p.add_argument("prompt", help="what to draw")
     _add_kb(p, required=False)
-    _add_config(p)
-    p.add_argument("-k", type=int, help="references (default from config: 2)")
-    p.add_argument("--reference", action="append", metavar="IMAGE", help="use this image as a reference (repeatable); skips retrieval")
-    p.add_argument("--guidance", choices=["interleaved", "joint", "cfg"], help="guidance (scales from the config)")
-    p.add_argument("--steps", type=int, help="denoising steps")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--num-images", type=int, default=1, help="images to draw")
+    p.add_argument("-k", type=int, help="references (default: draw.k of the config)")
+    p.add_argument("--reference", action="append", metavar="IMAGE",
+                   help="use this image as a reference (repeatable); skips retrieval")
+    p.add_argument("--guidance", choices=["interleaved", "joint", "cfg"],
+                   help="guidance at the config's scales (default: draw.guidance of the config)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: draw.num_inference_steps)")
+    p.add_argument("--seed", type=int, help="random seed, for a reproducible drawing")
+    p.add_argument("--num-images", type=int, default=1, help="images to draw (default 1)")
     p.add_argument("-o", "--output", default="mmrag-draw.png", metavar="FILE.png",
                    help="image path (more images: FILE-1.png, ...); the contact sheet goes to FILE.sheet.png")
-    p.add_argument("--where", metavar="JSON")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--where", metavar="JSON", help="metadata filter for the references")
+    p.add_argument("--rerank", choices=["dual_encoder", "cross_encoder", "vlm"],
+                   help="rerank the references with this reranker (default: reranker.name of the config)")
+    _add_output(p)
     p.add_argument("--html", metavar="FILE", help="also write an HTML report")
 
-    ev = sub.add_parser("eval", help="evaluate retrieval, VQA or generation").add_subparsers(dest="eval_command", required=True, metavar="WHAT")
-    p = ev.add_parser("generation", help="CLIP-T and CLIP-I for cfg / joint / interleaved, per bucket")
+    ev = sub.add_parser("eval", help="evaluate retrieval, VQA or generation").add_subparsers(
+        dest="eval_command", required=True, metavar="WHAT", help="retrieval, vqa or generation")
+    p = ev.add_parser("generation", parents=[models], help="CLIP-T and CLIP-I for cfg / joint / interleaved, per bucket")
     _add_kb(p)
-    _add_config(p)
     p.add_argument("--prompts", required=True, metavar="FILE.jsonl", help="prompt, entity, held-out images, bucket")
-    p.add_argument("-k", type=int, help="references per prompt")
-    p.add_argument("--steps", type=int, help="denoising steps")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("-k", type=int, help="references per prompt (default: draw.k)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: draw.num_inference_steps)")
+    p.add_argument("--seed", type=int, default=0, help="random seed shared by every guidance (default 0)")
+    _add_output(p)
 
-    p = ev.add_parser("vqa", help="accuracy with no retrieval, gold references and retrieved references")
+    p = ev.add_parser("vqa", parents=[models], help="accuracy with no retrieval, gold references and retrieved references")
     _add_kb(p)
-    _add_config(p)
     p.add_argument("--dataset", required=True, metavar="FILE.jsonl", help="image, question, answers or choices+answer")
-    p.add_argument("-k", type=int, help="references per question")
+    p.add_argument("-k", type=int, help="references per question (default: vqa.k)")
     p.add_argument("--predictions", metavar="FILE.jsonl", help="where to write predictions (default: beside the dataset)")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p = ev.add_parser("retrieval", help="Recall@1/5/10, MRR, nDCG@10, mAP@50 per category and channel")
+    _add_output(p)
+    p = ev.add_parser("retrieval", parents=[models], help="Recall@1/5/10, MRR, nDCG@10, mAP@50 per category and channel")
     _add_kb(p)
-    _add_config(p)
     p.add_argument("--queries", required=True, metavar="FILE.jsonl", help="text/image, relevant ids, category")
-    p.add_argument("--where", metavar="JSON")
+    p.add_argument("--where", metavar="JSON", help="metadata filter applied to every query")
+    p.add_argument("--rerank", choices=["dual_encoder", "cross_encoder", "vlm"],
+                   help="rerank with this reranker (default: reranker.name of the config)")
     p.add_argument("--no-ablation", action="store_true", help="skip the per-channel runs")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    _add_output(p)
 
-    p = sub.add_parser("tiny-models", help="build the tiny offline models into DIR")
-    p.add_argument("directory", metavar="DIR")
-    p.add_argument("--only", nargs="+", metavar="NAME", help="build only these")
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("tiny-models", parents=[plain], help="build the tiny offline models into DIR")
+    p.add_argument("directory", metavar="DIR", help="where to write them (one folder per model)")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="build only these (clip, siglip, llava, idefics3, "
+                                                               "blip-itm, sd, ip-adapter)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the weights (default 0)")
 
-    p = sub.add_parser("demo", help="search, ask and draw on a generated sample KB; writes an HTML report")
-    _add_config(p)
+    p = sub.add_parser("demo", parents=[models], help="search, ask and draw on a generated sample KB; writes an HTML report")
     p.add_argument("--out", default="demo-out", metavar="DIR", help="output folder (default: demo-out)")
 
-    sub.add_parser("env", help="versions and devices, for bug reports")
+    sub.add_parser("env", parents=[plain], help="versions and devices, for bug reports")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not os.environ.get("MMRAG_DEBUG"):
+    verbose = args.verbose or os.environ.get("MMRAG_LOG", "").lower() == "debug"
+    _configure_logging(args.verbose, os.environ.get("MMRAG_LOG", ""))
+    if not verbose and not os.environ.get("MMRAG_DEBUG"):
         _quiet_libraries()
     from mmrag.retrievers.errors import MMRAGError
 
@@ -153,6 +193,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BUG
 
 
+def _configure_logging(verbose: bool, level_name: str) -> None:
+    """mmrag's own loggers print ``mmrag: message`` on stderr: warnings by default, info with
+    ``--verbose``, anything ``MMRAG_LOG`` names (debug, info, warning, error)."""
+    import logging
+
+    level = getattr(logging, level_name.upper(), None) if level_name else None
+    if not isinstance(level, int):
+        level = logging.INFO if verbose else logging.WARNING
+    logger = logging.getLogger("mmrag")
+    if not any(getattr(h, "_mmrag_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("mmrag: %(message)s"))
+        handler._mmrag_cli = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+
+
 def _is_user_error(error: Exception, base: type) -> bool:
     """mmrag's typed errors: retrievers' MMRAGError, generators' GeneratorsError, prompts'
     TemplateError. Checked through sys.modules, so a command that never touched the generators
@@ -166,16 +224,24 @@ def _is_user_error(error: Exception, base: type) -> bool:
 
 
 def _quiet_libraries() -> None:
-    """Keep the terminal for mmrag's own output: no weight-loading bars or advisory warnings."""
+    """Keep the terminal for mmrag's own output: no weight-loading bars or advisory warnings from
+    transformers, diffusers or the Hub client (``--verbose`` shows them)."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    global _QUIET
+    _QUIET = True
+
+
+_QUIET = False
 
 
 def _quiet_diffusers() -> None:
     """Same for diffusers, imported only by the commands that draw (it is slow to import)."""
-    if os.environ.get("MMRAG_DEBUG"):
+    if not _QUIET:
         return
     from diffusers.utils import logging as diffusers_logging
 
@@ -183,10 +249,42 @@ def _quiet_diffusers() -> None:
     diffusers_logging.disable_progress_bar()
 
 
+def _bar(args, total: int | None, desc: str, unit: str = "item"):
+    """A progress callback ``progress(done)`` drawing a bar with the total and an ETA on stderr
+    (only on a terminal, and not with --no-progress); ``None`` when no bar is drawn."""
+    if getattr(args, "no_progress", False) or not sys.stderr.isatty():
+        return None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False)
+
+    def progress(done: int, of: int | None = None) -> None:
+        if of is not None and bar.total != of:
+            bar.total = of
+            bar.refresh()
+        bar.update(done - bar.n)
+        if bar.total is not None and done >= bar.total:
+            bar.close()
+
+    return progress
+
+
 def _config(args, **overrides: Any):
+    """The command's config: ``--config`` with the flags on top (a flag left out keeps the
+    config's value); ``--device``/``--dtype`` apply to every model, ``--rerank`` names the reranker."""
     from .config import load_config
 
-    return load_config(getattr(args, "config", None), overrides)
+    device, dtype = getattr(args, "device", None), getattr(args, "dtype", None)
+    if device is not None:
+        from .builders import check_device
+
+        check_device("--device", device)
+    for section in ("embedder", "vlm", "diffusion", "reranker"):
+        overrides.setdefault(f"{section}.device", device)
+        if section != "reranker":
+            overrides.setdefault(f"{section}.dtype", dtype)
+    overrides.setdefault("reranker.name", getattr(args, "rerank", None))
+    return load_config(getattr(args, "config", None), {k: v for k, v in overrides.items() if v is not None})
 
 
 def _cmd_ingest(args) -> int:
@@ -197,9 +295,10 @@ def _cmd_ingest(args) -> int:
     cfg = _config(args, **{"kb.path": args.kb, "kb.url": args.url, "kb.allow_remote": args.allow_remote,
                            "kb.lock_timeout": args.lock_timeout, "ingest.batch_size": args.batch_size,
                            "ingest.report": args.report})
-    iter_source(args.source, allow_remote=cfg.kb.allow_remote)  # a bad source fails before any model loads
+    # a bad source (or --base-dir) fails before any model loads
+    iter_source(args.source, allow_remote=cfg.kb.allow_remote, base_dir=args.base_dir)
     kb = open_knowledge_base(cfg)
-    report = kb.ingest(args.source, batch_size=cfg.ingest.batch_size,
+    report = kb.ingest(args.source, batch_size=cfg.ingest.batch_size, base_dir=args.base_dir,
                        progress=not args.no_progress and sys.stderr.isatty())
     report_path = Path(cfg.ingest.report) if cfg.ingest.report else (
         kb.path / "reports" / f"ingest-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
@@ -209,6 +308,9 @@ def _cmd_ingest(args) -> int:
     else:
         print(report.summary())
         print(f"knowledge base {kb.path}: {kb.count()} records; full report: {report_path}")
+    if report.all_rejected:
+        print(f"mmrag ingest: error: all {report.seen} items were rejected; see {report_path}", file=sys.stderr)
+        return EXIT_ERROR
     return 0
 
 
@@ -258,7 +360,7 @@ def _cmd_search(args) -> int:
     where = _parse_where(args.where)
     cfg = _config(args, **{"kb.path": args.kb, "kb.url": args.url, "retriever.fusion": args.fusion,
                            "retriever.channels": args.channels, "retriever.composed_method": args.composed,
-                           "retriever.hubness": args.hubness, "reranker.name": args.rerank})
+                           "retriever.hubness": args.hubness})
     kb = open_knowledge_base(cfg, create=False)
     captioner = rewriter = None
     needs_vlm = query.image is not None and query.text is not None and (
@@ -278,13 +380,14 @@ def _cmd_search(args) -> int:
         print(f"wrote {path}", file=sys.stderr)
     if args.json:
         print(json.dumps([{"rank": h.rank, "id": h.id, "score": h.score, "scores": h.scores, "text": h.record.text,
-                           "image": h.record.image, "metadata": h.record.metadata} for h in hits]))
+                           "source_path": h.record.source_path, "image": h.record.image,
+                           "metadata": h.record.metadata} for h in hits]))
         return 0
     if not hits:
         print("no hits")
     for h in hits:
         text = h.record.text if len(h.record.text) <= 60 else h.record.text[:57] + "..."
-        print(f"{h.rank:>3}  {h.score:8.4f}  {h.id:<34}  {text:<60}  {h.record.image}")
+        print(f"{h.rank:>3}  {h.score:8.4f}  {h.id:<34}  {text:<60}  {h.record.source_path or '-'}")
     return 0
 
 
@@ -300,10 +403,11 @@ def _cmd_ask(args) -> int:
         choices = [c.strip() for c in args.choices.split(";")]
         if len(choices) < 2 or not all(choices):
             raise ConfigError(f"`--choices` needs at least 2 non-empty options separated by ';', got {args.choices!r}.")
-    cfg = _config(args, **{"kb.path": args.kb, "kb.url": args.url, "vqa.k": args.k})
+    cfg = _config(args, **{"kb.path": args.kb, "kb.url": args.url, "vqa.k": args.k,
+                           "vlm.choice_format": args.choice_format, "vlm.length_normalization": args.length_normalization})
     pipe = RAGVQAPipeline.from_config(cfg)
     stream = not args.json and choices is None
-    out = pipe(args.question, image=args.image, k=cfg.vqa.k, where=_parse_where(args.where), rerank=not args.no_rerank,
+    out = pipe(args.question, image=args.image, where=_parse_where(args.where), rerank=not args.no_rerank,
                choices=choices, stream=stream)
     if stream:
         for chunk in out:
@@ -341,9 +445,10 @@ def _cmd_draw(args) -> int:
     cfg = _config(args, **{"kb.path": args.kb, "kb.url": args.url, "draw.k": args.k,
                            "draw.num_inference_steps": args.steps})
     pipe = EntityImagePipeline.from_config(cfg, with_kb=args.kb is not None)
-    out = pipe(args.prompt, k=cfg.draw.k, references=references, guidance=args.guidance or cfg.draw.guidance,
-               num_inference_steps=cfg.draw.num_inference_steps, seed=args.seed, where=_parse_where(args.where),
-               num_images_per_prompt=args.num_images, height=cfg.draw.height, width=cfg.draw.width)
+    progress = _bar(args, pipe.num_inference_steps, "draw", unit="step")
+    step_bar = {} if progress is None else {"callback_on_step_end": lambda gen, i, t, tensors: progress(i + 1) or {}}
+    out = pipe(args.prompt, references=references, guidance=args.guidance, seed=args.seed,
+               where=_parse_where(args.where), num_images_per_prompt=args.num_images, **step_bar)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     paths = [output if i == 0 else output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(len(out.images))]
@@ -381,9 +486,8 @@ def _cmd_eval(args) -> int:
         cfg = _config(args, **{"kb.path": args.kb, "kb.url": args.url, "draw.k": args.k,
                                "draw.num_inference_steps": args.steps})
         pipe = EntityImagePipeline.from_config(cfg)
-        summary = evaluate_generation(pipe, items, pipe.retriever.kb.embedder, k=cfg.draw.k,
-                                      num_inference_steps=cfg.draw.num_inference_steps, seed=args.seed,
-                                      height=cfg.draw.height, width=cfg.draw.width)
+        summary = evaluate_generation(pipe, items, pipe.retriever.kb.embedder, seed=args.seed,
+                                      progress=_bar(args, len(items), "eval generation"))
         print(json.dumps(summary) if args.json else generation_table(summary))
         return 0
     if args.eval_command == "vqa":
@@ -392,7 +496,8 @@ def _cmd_eval(args) -> int:
         items = load_vqa_dataset(args.dataset)
         cfg = _config(args, **{"kb.path": args.kb, "kb.url": args.url, "vqa.k": args.k})
         predictions = args.predictions or str(Path(args.dataset).with_suffix(".predictions.jsonl"))
-        summary = evaluate_vqa(RAGVQAPipeline.from_config(cfg), items, k=cfg.vqa.k, predictions_path=predictions)
+        summary = evaluate_vqa(RAGVQAPipeline.from_config(cfg), items, predictions_path=predictions,
+                               progress=_bar(args, len(items), "eval vqa"))
         print(json.dumps(summary) if args.json else vqa_table(summary) + f"\npredictions: {predictions}")
         return 0
 
@@ -402,7 +507,8 @@ def _cmd_eval(args) -> int:
     from .search import SearchPipeline
 
     search = SearchPipeline(build_retriever(cfg, kb), build_reranker(cfg))
-    report = evaluate_retrieval(search, queries, where=_parse_where(args.where), ablate_channels=not args.no_ablation)
+    report = evaluate_retrieval(search, queries, where=_parse_where(args.where), ablate_channels=not args.no_ablation,
+                                progress=_bar(args, None, "eval retrieval", unit="query"))
     print(json.dumps(report.to_dict()) if args.json else report.table())
     return 0
 
@@ -420,9 +526,8 @@ def _cmd_demo(args) -> int:
     from .dev.demo import run_demo
 
     _quiet_diffusers()
-    from .config import load_config
-
-    run_demo(load_config(args.config or "tiny"), Path(args.out))
+    args.config = args.config or "tiny"  # the demo runs offline unless told otherwise
+    run_demo(_config(args), Path(args.out))
     return 0
 
 

@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from mmrag.retrievers.errors import ConfigError
+from mmrag.retrievers.rerank import DEFAULT_CROSS_ENCODER_RERANKER, DEFAULT_DUAL_ENCODER_RERANKER
 from mmrag.retrievers.retriever import RetrieverSettings
 from mmrag.retrievers.kb.images import DEFAULT_MAX_IMAGE_PIXELS
 from mmrag.retrievers.kb.sources import DEFAULT_MAX_TEXT_CHARS
@@ -88,12 +89,14 @@ RetrieverConfig = _retriever_config()
 
 
 class RerankerConfig(_Section):
-    """The rerank stage; ``name: null`` turns it off."""
+    """The rerank stage; ``name: null`` turns it off. Each reranker names its own model, so that
+    switching ``name`` (``--rerank``) never reaches for a model the preset does not mean."""
 
     name: Literal["dual_encoder", "cross_encoder", "vlm"] | None = None
-    model: str | None = None  # None: the reranker's default model
+    dual_encoder_model: str = DEFAULT_DUAL_ENCODER_RERANKER
+    cross_encoder_model: str = DEFAULT_CROSS_ENCODER_RERANKER
     batch_size: int = Field(16, gt=0)
-    device: str | None = None
+    device: str | None = None  # None: CUDA when present, else CPU ("vlm" uses the VLM's own)
 
 
 class VLMConfig(_Section):
@@ -109,7 +112,11 @@ class VLMConfig(_Section):
     seed: int | None = None
     template: str = "vqa"
     max_context_tokens: int | None = Field(None, gt=0)  # None: the model's own limit
-    length_normalize: bool = True  # multiple choice: mean (not sum) of the option's token log-probs
+    # Multiple choice (VLMAnswerer.choose; values as generators.vlm.CHOICE_FORMATS / LENGTH_NORMALIZATIONS):
+    # score each option's text as the reply, or list the options lettered and score the letter (MRAG-Bench).
+    choice_format: Literal["options", "letters"] = "options"
+    # Divide the reply's log-likelihood by nothing, its token count, or its characters (the harness's acc_norm).
+    length_normalization: Literal["none", "tokens", "chars"] = "chars"
     trust_remote_code: bool = False
 
 
@@ -137,13 +144,19 @@ class DiffusionConfig(_Section):
 
 class DrawConfig(_Section):
     k: int = Field(2, gt=0)
-    guidance: dict[str, Any] = Field(default_factory=lambda: {"name": "interleaved", "text_scale": 7.5,
-                                                              "reference_scale": 3.0, "eta": 0.5})
+    # the library's own default guidance, so that the config and the generator cannot disagree
+    guidance: dict[str, Any] = Field(default_factory=lambda: _default_guidance())
     num_inference_steps: int = Field(30, gt=0)
     height: int | None = None  # None: the model's default size
     width: int | None = None
     channels: list[str] = Field(default_factory=lambda: ["text_to_image", "lexical"])
     fold_reference_texts: bool = False
+
+
+def _default_guidance() -> dict[str, Any]:
+    from mmrag.generators.guidance import InterleavedGuidance  # torch only, not diffusers
+
+    return InterleavedGuidance().to_dict()
 
 
 class TinyModelsConfig(_Section):
@@ -166,8 +179,12 @@ class Config(_Section):
     tiny_models: TinyModelsConfig = Field(default_factory=TinyModelsConfig)
 
     def resolve_model(self, name: str) -> str:
-        """A loadable model id or path: ``tiny:NAME`` builds the tiny model on first use."""
+        """A loadable model id or path: ``tiny:NAME`` builds the tiny model on first use; a Hub id
+        that cannot load (no Hub, not cached) fails here at once with one line."""
         if not name.startswith(TINY_PREFIX):
+            from .hub import check_hub_model
+
+            check_hub_model(name)
             return name
         from .dev.tiny_models import ensure_tiny_model
 
@@ -177,7 +194,7 @@ class Config(_Section):
 def load_config(source: str | os.PathLike | Mapping[str, Any] | Config | None = None,
                 overrides: Mapping[str, Any] | None = None) -> Config:
     """Build a :class:`Config` from a YAML path, a preset name (``"tiny"``), a dict, or nothing
-    (defaults), then apply dotted ``overrides`` whose value is not ``None``."""
+    (defaults), then apply dotted ``overrides`` (``{"kb.path": "my-kb", "vlm.seed": None}``)."""
     if isinstance(source, Config):
         data = source.model_dump()
         where = "config"
@@ -195,8 +212,7 @@ def load_config(source: str | os.PathLike | Mapping[str, Any] | Config | None = 
         if not isinstance(data, dict):
             raise ConfigError(f"{where} must hold a mapping of sections (embedder:, kb:, ...), got {type(data).__name__}.")
     for dotted, value in (overrides or {}).items():
-        if value is not None:
-            _set_dotted(data, dotted, value)
+        _set_dotted(data, dotted, value)  # None is a value too: {"vlm.seed": None} sets it to None
     try:
         return Config.model_validate(data)
     except ValidationError as e:

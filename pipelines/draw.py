@@ -52,36 +52,57 @@ class EntityImagePipeline:
 
     def __init__(self, generator: ReferenceDiffusionGenerator, retriever: MultimodalRetriever | None = None, *,
                  reranker: Any = None, channels: Sequence[str] = ("text_to_image", "lexical"),
-                 fold_reference_texts: bool = False):
+                 fold_reference_texts: bool = False, k: int = 2, num_inference_steps: int = 30,
+                 height: int | None = None, width: int | None = None):
+        _check_positive_int("k", k)
+        _check_positive_int("num_inference_steps", num_inference_steps)
         self.generator = generator
         self.retriever = retriever
         self.reranker = reranker
         self.channels = tuple(channels)
         self.fold_reference_texts = fold_reference_texts
+        self.k = k
+        self.num_inference_steps = num_inference_steps
+        self.height = height
+        self.width = width
 
     @classmethod
     def from_config(cls, config: str | Path | Mapping | Config | None = None, *, kb_path: str | None = None,
                     with_kb: bool = True) -> "EntityImagePipeline":
+        """Every component and call default from a config (path, preset name, dict or :class:`Config`):
+        ``draw.k``, ``draw.num_inference_steps``, ``draw.height``/``width``, ``draw.channels``, and
+        the generator's ``draw.guidance``."""
         from .builders import build_generator, build_reranker, build_retriever, open_knowledge_base
 
-        cfg = load_config(config, {"kb.path": kb_path})
+        cfg = load_config(config, {} if kb_path is None else {"kb.path": kb_path})
         retriever = build_retriever(cfg, open_knowledge_base(cfg, create=False)) if with_kb else None
-        return cls(build_generator(cfg), retriever, reranker=build_reranker(cfg), channels=cfg.draw.channels,
-                   fold_reference_texts=cfg.draw.fold_reference_texts)
+        d = cfg.draw
+        return cls(build_generator(cfg), retriever, reranker=build_reranker(cfg) if with_kb else None,
+                   channels=d.channels, fold_reference_texts=d.fold_reference_texts, k=d.k,
+                   num_inference_steps=d.num_inference_steps, height=d.height, width=d.width)
 
-    def __call__(self, prompt: str, k: int = 2, references: Sequence[Image.Image] | None = None,
-                 guidance: str | Mapping | None = "interleaved", num_inference_steps: int = 30, seed: int | None = None,
-                 where: dict | None = None, rerank: bool = True, **generate_kwargs: Any) -> ImageOutput:
+    def __call__(self, prompt: str, k: int | None = None, references: Sequence[Image.Image] | None = None,
+                 guidance: str | Mapping | None = None, num_inference_steps: int | None = None,
+                 seed: int | None = None, where: dict | None = None, rerank: bool = True,
+                 height: int | None = None, width: int | None = None, **generate_kwargs: Any) -> ImageOutput:
         """Draw ``prompt`` grounded on ``k`` references retrieved for it, or on ``references``
-        (PIL images, bypassing retrieval). Other keyword arguments go to the generator
-        (``num_images_per_prompt``, ``height``, ``width``, ``negative_prompt``, ``ip_adapter_scale``,
-        ``callback_on_step_end``, ...)."""
+        (PIL images, bypassing retrieval).
+
+        An argument left at ``None`` means "as configured": ``k``, ``num_inference_steps``,
+        ``height`` and ``width`` take the pipeline's values (``draw.*`` in a config), ``guidance``
+        the generator's (``draw.guidance``); a bare guidance name keeps the configured scales.
+        Other keyword arguments go to the generator (``num_images_per_prompt``,
+        ``negative_prompt``, ``ip_adapter_scale``, ``callback_on_step_end``, ...)."""
         timings: dict[str, float] = {}
+        k = self.k if k is None else k
+        num_inference_steps = self.num_inference_steps if num_inference_steps is None else num_inference_steps
+        height = self.height if height is None else height
+        width = self.width if width is None else width
         # 0. validate
         if not isinstance(prompt, str) or not prompt.strip():
             raise ConfigError(f"`prompt` must be a non-empty string, got {prompt!r}.")
-        if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
-            raise ConfigError(f"`k` must be a positive integer, got {k!r}.")
+        _check_positive_int("k", k)
+        _check_positive_int("num_inference_steps", num_inference_steps)
         if references is not None:
             bad = [i for i, r in enumerate(references) if not isinstance(r, Image.Image)]
             if bad:
@@ -101,15 +122,19 @@ class EntityImagePipeline:
         texts = [h.record.text for h in hits] if self.fold_reference_texts and hits and references is None else None
         # 4. generate
         t = time.perf_counter()
-        out = self.generator(prompt, images or None, guidance=self._guidance(guidance), num_inference_steps=num_inference_steps,
-                             seed=seed, reference_texts=texts, **generate_kwargs)
+        out = self.generator(prompt, images or None, guidance=self._guidance(guidance),
+                             num_inference_steps=num_inference_steps, seed=seed, height=height, width=width,
+                             reference_texts=texts, **generate_kwargs)
         timings["generate"] = time.perf_counter() - t
         return ImageOutput(images=list(out.images), references=hits, guidance=out.guidance, fallback=out.fallback,
                            timings=timings, generation=out)
 
     def _guidance(self, guidance):
-        """A bare name keeps the configured scales: "joint" means joint guidance at the text and
-        reference scales the generator was configured with, not at library defaults."""
+        """``None`` is the generator's configured guidance. A bare name keeps the configured
+        scales: "joint" means joint guidance at the text and reference scales the generator was
+        configured with, not at library defaults."""
+        if guidance is None:
+            return self.generator.guidance
         if not isinstance(guidance, str):
             return guidance
         from mmrag.generators import GUIDANCES, guidance_from_config
@@ -128,6 +153,11 @@ class EntityImagePipeline:
         require_records(self.retriever.kb)
         return SearchPipeline(self.retriever, self.reranker)(Query(text=prompt), k, where=where, rerank=rerank,
                                    channels=self.channels, timings=timings)
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"`{name}` must be a positive integer, got {value!r}.")
 
 
 def contact_sheet(references: Sequence[Image.Image], results: Sequence[Image.Image], height: int = 256) -> Image.Image:

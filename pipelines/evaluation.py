@@ -139,24 +139,38 @@ class RetrievalReport:
 
 def evaluate_retrieval(retriever, queries: Sequence[EvalQuery], *, where: dict | None = None,
                        ablate_channels: bool = True, progress=None) -> RetrievalReport:
-    """Run every query through ``retriever`` and score the rankings."""
+    """Run every query through ``retriever`` (a :class:`MultimodalRetriever` or a
+    :class:`~mmrag.pipelines.search.SearchPipeline`) and score the rankings; with
+    ``ablate_channels``, again through each channel alone. ``progress(done, total)`` is called
+    after every query run."""
+    usable = {ch: [q for q in queries if (q.query.has_text or not needs_text) and (q.query.has_image or not needs_image)]
+              for ch, (needs_text, needs_image) in CHANNELS.items()} if ablate_channels else {}
+    total = len(queries) + sum(len(u) for u in usable.values())
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
     rows, per_cat = [], {}
-    for i, q in enumerate(queries):
+    for q in queries:
         ranked = [h.id for h in retriever.retrieve(q.query, k=DEPTH, where=where)]
         scores = score_ranking(ranked, q.relevant)
         rows.append({"line": q.line, "category": q.category, **scores})
         per_cat.setdefault(q.category, []).append(scores)
-        if progress is not None:
-            progress(i + 1)
+        tick()
     per_channel: dict[str, dict[str, float]] = {}
-    if ablate_channels:
-        for ch, (needs_text, needs_image) in CHANNELS.items():
-            usable = [q for q in queries if (q.query.has_text or not needs_text) and (q.query.has_image or not needs_image)]
-            if not usable:
-                continue
-            ch_rows = [score_ranking([h.id for h in retriever.retrieve(q.query, k=DEPTH, where=where, channels=[ch])],
-                                     q.relevant) for q in usable]
-            per_channel[ch] = {**mean_metrics(ch_rows), "n": len(usable)}
+    for ch, qs in usable.items():
+        if not qs:
+            continue
+        ch_rows = []
+        for q in qs:
+            ch_rows.append(score_ranking([h.id for h in retriever.retrieve(q.query, k=DEPTH, where=where, channels=[ch])],
+                                         q.relevant))
+            tick()
+        per_channel[ch] = {**mean_metrics(ch_rows), "n": len(qs)}
     per_category = {c: {**mean_metrics(v), "n": len(v)} for c, v in per_cat.items()}
     return RetrievalReport(mean_metrics(r for r in ({k: v for k, v in row.items() if k not in ("line", "category")}
                                                      for row in rows)),
@@ -218,7 +232,7 @@ def load_vqa_dataset(path: str | Path) -> list[VQAItem]:
     return items
 
 
-def evaluate_vqa(pipeline, items: Sequence[VQAItem], *, k: int = 3, predictions_path: str | Path | None = None,
+def evaluate_vqa(pipeline, items: Sequence[VQAItem], *, k: int | None = None, predictions_path: str | Path | None = None,
                  progress=None) -> dict[str, Any]:
     """Score ``pipeline`` in the three MRAG-Bench settings: no retrieval, gold references, retrieved.
 
@@ -308,12 +322,13 @@ def load_generation_prompts(path: str | Path) -> list[GenerationItem]:
 
 
 def evaluate_generation(pipeline, items: Sequence[GenerationItem], encoder, *, guidances: Sequence = GUIDANCE_NAMES,
-                        k: int = 2, num_inference_steps: int = 30, seed: int = 0, progress=None,
+                        k: int | None = None, num_inference_steps: int | None = None, seed: int = 0, progress=None,
                         **generate_kwargs) -> dict[str, Any]:
     """CLIP-T (cosine between the image and its prompt) and CLIP-I (mean cosine between the image
     and the entity's held-out images) for each guidance, per bucket, same seed and references.
 
-    ``encoder`` is a :class:`~retrievers.DualEncoder` (the KB's, or a stronger CLIP).
+    ``encoder`` is a :class:`~mmrag.retrievers.DualEncoder` (the KB's, or a stronger CLIP). ``k``
+    and ``num_inference_steps`` left at ``None`` are the pipeline's configured values.
     """
     import numpy as np
     from PIL import Image

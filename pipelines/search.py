@@ -38,7 +38,7 @@ class SearchPipeline:
         the config when it names one and none is given)."""
         from .builders import build_reranker, build_retriever, open_knowledge_base
 
-        cfg = load_config(config, {"kb.path": kb_path})
+        cfg = load_config(config, {} if kb_path is None else {"kb.path": kb_path})
         return cls(build_retriever(cfg, open_knowledge_base(cfg, create=False)), build_reranker(cfg, vlm=vlm))
 
     @property

@@ -44,7 +44,8 @@ class VQAOutput:
     timings: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        ref = lambda h: {"id": h.id, "score": h.score, "text": h.record.text, "image": h.record.image}
+        ref = lambda h: {"id": h.id, "score": h.score, "text": h.record.text, "source_path": h.record.source_path,
+                         "image": h.record.image}
         return {"answer": self.answer, "choice": self.choice, "choice_scores": self.choice_scores,
                 "references": [ref(h) for h in self.references], "cited": [h.id for h in self.cited],
                 "no_retrieval": self.no_retrieval, "message": self.message,
@@ -75,12 +76,17 @@ class RAGVQAPipeline:
             dropped; ``None`` keeps all.
         two_stage: RoRA-VLM's image-anchored query expansion.
         expansion_k: entity records whose texts expand the question in the second stage.
+        channels: retrieval channels (``None``: the image's look-alikes plus the question's words).
+        k: references per question when a call does not say (``vqa.k`` in a config).
     """
 
     def __init__(self, answerer: VLMAnswerer, retriever: MultimodalRetriever | None = None, *, reranker: Any = None,
                  min_score: float | None = None, two_stage: bool = False, expansion_k: int = 2,
-                 channels: Sequence[str] | None = None):
+                 channels: Sequence[str] | None = None, k: int = 3):
+        if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
+            raise ConfigError(f"`k` must be a positive integer, got {k!r}.")
         self.answerer = answerer
+        self.k = k
         self.retriever = retriever
         self.reranker = reranker
         self.min_score = min_score
@@ -94,19 +100,19 @@ class RAGVQAPipeline:
         """Build every component from a config (path, preset name, dict or :class:`Config`)."""
         from .builders import build_answerer, build_reranker, build_retriever, open_knowledge_base
 
-        cfg = load_config(config, {"kb.path": kb_path})
+        cfg = load_config(config, {} if kb_path is None else {"kb.path": kb_path})
         answerer = build_answerer(cfg)
         retriever = build_retriever(cfg, open_knowledge_base(cfg, create=False)) if with_kb else None
-        reranker = build_reranker(cfg, vlm=answerer)
+        reranker = build_reranker(cfg, vlm=answerer) if with_kb else None
         v = cfg.vqa
         return cls(answerer, retriever, reranker=reranker, min_score=v.min_score, two_stage=v.two_stage,
-                   expansion_k=v.expansion_k, channels=v.channels)
+                   expansion_k=v.expansion_k, channels=v.channels, k=v.k)
 
     # ------------------------------------------------------------------ call
-    def __call__(self, question: str, image: Image.Image | str | Path | None = None, k: int = 3,
+    def __call__(self, question: str, image: Image.Image | str | Path | None = None, k: int | None = None,
                  where: dict | None = None, rerank: bool = True, references: Sequence | None = None,
                  choices: Sequence[str] | None = None, stream: bool = False) -> VQAOutput | VQAStream:
-        """Answer ``question`` (about ``image``) from ``k`` references.
+        """Answer ``question`` (about ``image``) from ``k`` references (``None``: the pipeline's ``k``).
 
         ``references`` bypasses retrieval (the "gold references" setting): a list of
         :class:`Hit`, :class:`Record`, ``(image or None, text)`` pairs; ``[]`` answers without
@@ -114,6 +120,7 @@ class RAGVQAPipeline:
         ``stream=True`` returns a :class:`VQAStream` (not with ``choices``).
         """
         timings: dict[str, float] = {}
+        k = self.k if k is None else k
         # 0. validate every input first
         query_image, gold = self.check_inputs(question, image, k, references, choices, stream)
         # 1. retrieve (2. rerank inside) unless references are given

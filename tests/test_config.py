@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from mmrag.pipelines.config import CONFIG_DIR, Config, load_config
-from mmrag.retrievers import ConfigError
+from mmrag.retrievers import ConfigError, ModelLoadError
 
 
 def test_default_preset_equals_the_code_defaults():
@@ -47,9 +47,10 @@ def test_bad_values_and_bad_files_are_explained(tmp_path):
         load_config("no-such-preset")
 
 
-def test_overrides_win_and_none_keeps_the_file_value():
-    cfg = load_config("tiny", {"kb.path": "elsewhere", "ingest.batch_size": None, "kb.lock_timeout": 2.5})
-    assert cfg.kb.path == "elsewhere" and cfg.kb.lock_timeout == 2.5
+def test_overrides_win_and_none_is_a_value():
+    cfg = load_config("tiny", {"kb.path": "elsewhere", "vlm.seed": 3, "kb.lock_timeout": 2.5})
+    assert cfg.kb.path == "elsewhere" and cfg.kb.lock_timeout == 2.5 and cfg.vlm.seed == 3
+    assert load_config(cfg, {"vlm.seed": None}).vlm.seed is None  # None overrides too
     assert cfg.ingest.batch_size == load_config("tiny").ingest.batch_size
     with pytest.raises(ConfigError, match="kb.nope"):
         load_config(None, {"kb.nope": 1})
@@ -61,7 +62,9 @@ def test_tiny_model_is_built_on_first_use(tmp_path):
     assert path == (tmp_path / "cache" / "clip") and (path / "config.json").is_file()
     mtime = (path / "config.json").stat().st_mtime_ns
     assert Path(cfg.resolve_model("tiny:clip")) == path and (path / "config.json").stat().st_mtime_ns == mtime
-    assert cfg.resolve_model("openai/clip-vit-base-patch32") == "openai/clip-vit-base-patch32"
+    assert cfg.resolve_model(str(path)) == str(path)  # a local folder passes through
+    with pytest.raises(ModelLoadError, match="not in the local cache"):  # the tests run offline
+        cfg.resolve_model("someone/not-a-cached-model")
 
 
 def test_overrides_do_not_touch_the_callers_dict():

@@ -1,6 +1,7 @@
 """The VLM answerer on two architectures (LLaVA, Idefics3): exact prompts, the images the model really
-receives, citations, the context budget, multiple choice against a teacher-forcing reference computed
-here from the raw model, streaming, batching and seeded sampling."""
+receives, citations, the context budget, answers and multiple choice (both formats, every length
+normalisation) against references computed here from the raw model (its own generate, teacher forcing),
+streaming, batching and seeded sampling."""
 
 from __future__ import annotations
 
@@ -37,14 +38,16 @@ REFERENCES = [
 ]
 
 
+# Every answerer that runs a model is on the CPU (float32), as the references computed here from the raw
+# model are, whatever accelerator the machine has: the tolerances below were measured there.
 @pytest.fixture(scope="module", params=ARCHITECTURES)
 def answerer(request, tiny_models_dir) -> VLMAnswerer:
-    return VLMAnswerer(ensure_tiny_model(request.param, tiny_models_dir), max_new_tokens=6).warm_up()
+    return VLMAnswerer(ensure_tiny_model(request.param, tiny_models_dir), device="cpu", max_new_tokens=6).warm_up()
 
 
 @pytest.fixture(scope="module")
 def llava(tiny_models_dir) -> VLMAnswerer:
-    return VLMAnswerer(ensure_tiny_model("llava", tiny_models_dir), max_new_tokens=6).warm_up()
+    return VLMAnswerer(ensure_tiny_model("llava", tiny_models_dir), device="cpu", max_new_tokens=6).warm_up()
 
 
 def _tokens_per_image(config) -> int:
@@ -153,13 +156,13 @@ def test_context_budget_drops_the_lowest_scored_references_first(llava):
     kept = [REFERENCES[0], REFERENCES[2]]  # scores 0.9 and 0.5; 0.2 twice dropped, the later one first
     prompt, images = llava.build_prompt(QUESTION, QUERY, kept)
     length = llava.processor(text=prompt, images=images, return_tensors="pt")["input_ids"].shape[1]
-    fitted = VLMAnswerer(llava.model_id, max_new_tokens=4, max_context_tokens=length + 4)
+    fitted = VLMAnswerer(llava.model_id, device="cpu", max_new_tokens=4, max_context_tokens=length + 4)
     output = fitted.answer(QUESTION, QUERY, REFERENCES)
     assert [r.id for r in output.dropped] == ["bridge", "tower"]
     assert output.references == kept and output.prompt == prompt
     assert output.num_image_tokens == 2 * _tokens_per_image(llava.model.config)
     # One token less and the 0.5 reference goes too.
-    assert VLMAnswerer(llava.model_id, max_new_tokens=5, max_context_tokens=length + 4).answer(
+    assert VLMAnswerer(llava.model_id, device="cpu", max_new_tokens=5, max_context_tokens=length + 4).answer(
         QUESTION, QUERY, REFERENCES).references == [REFERENCES[0]]
 
 
@@ -173,18 +176,56 @@ def test_context_defaults_to_the_models_position_table(llava):
 
 
 def test_a_prompt_that_never_fits_names_the_numbers(llava):
-    tight = VLMAnswerer(llava.model_id, max_new_tokens=8, max_context_tokens=40)
+    tight = VLMAnswerer(llava.model_id, device="cpu", max_new_tokens=8, max_context_tokens=40)
     message = r"needs \d+ tokens \(25 for 1 query image\(s\)\) \+ 8 to generate, over the model's context of 40"
     with pytest.raises(ContextLengthError, match=message):
         tight.answer(QUESTION, QUERY, REFERENCES)
 
 
 # ---------------------------------------------------------------------------------- multiple choice
+# The options' lengths in characters differ from their token counts, and the three normalisations pick
+# different options on the tiny models (checked in the test), so a wrong divisor fails on the choice too.
+CHOICES = ["A cat.", "Paris, at night", "A black dog running across the green park"]
+# float32 noise: the answerer's summed log-likelihoods (one right-padded float32 batch) differ from the
+# unbatched float64 log-softmax reference below by at most 8.2e-6 (measured on both tiny models, both
+# formats, with and without references); 1e-4 leaves >10x margin and is far below the gaps the
+# normalisations make (>0.05).
+LOG_LIKELIHOOD_TOLERANCE = 1e-4
+# The lettered prompts of EXPECTED_PROMPTS, written out: MRAG-Bench's "A: option" lines and instruction.
+LETTERED = ("Question: Where was this taken?\nChoices:\nA: A cat.\nB: Paris, at night\n"
+            "C: A black dog running across the green park\n")
+INSTRUCTION = "Answer with the option's letter from the given choices directly."
+EXPECTED_LETTER_PROMPTS = {
+    "llava": (
+        (f"USER: <image>\n{INTRO}\n[1] A cat sitting on a red sofa. <image>\n[2] The Eiffel Tower in Paris at night.\n"
+         f"{LETTERED}Use the references if they help. {INSTRUCTION} ASSISTANT:"),
+        f"USER: <image>\n{LETTERED}{INSTRUCTION} ASSISTANT:",
+    ),
+    "idefics3": (
+        (f"<s>User:<image>{INTRO}\n[1] A cat sitting on a red sofa.<image>[2] The Eiffel Tower in Paris at night.\n"
+         f"{LETTERED}Use the references if they help. {INSTRUCTION}<end_of_utterance>\nAssistant:"),
+        f"<s>User:<image>{LETTERED}{INSTRUCTION}<end_of_utterance>\nAssistant:",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def raw(answerer) -> tuple[torch.nn.Module, object]:
+    """The answerer's checkpoint loaded again, straight through transformers: the reference model."""
+    model = AutoModelForImageTextToText.from_pretrained(answerer.model_id, use_safetensors=True).eval()
+    return model, AutoProcessor.from_pretrained(answerer.model_id)
+
+
+def _raw_inputs(processor, prompt: str, images):
+    # A chat template that writes the BOS itself (Idefics3's) must not get a second one.
+    add_bos = not prompt.startswith(processor.tokenizer.bos_token)
+    return processor(text=prompt, images=images, add_special_tokens=add_bos, return_tensors="pt")
+
+
 def _teacher_forced_log_likelihood(model, processor, prompt: str, images, reply: str) -> tuple[float, int]:
     """log p(reply | prompt) from one unbatched forward pass of the raw model, and the reply's token count."""
-    add_bos = not prompt.startswith(processor.tokenizer.bos_token)
-    context = processor(text=prompt, images=images, add_special_tokens=add_bos, return_tensors="pt")
-    whole = processor(text=prompt + reply, images=images, add_special_tokens=add_bos, return_tensors="pt")
+    context = _raw_inputs(processor, prompt, images)
+    whole = _raw_inputs(processor, prompt + reply, images)
     n_context = context["input_ids"].shape[1]
     assert torch.equal(whole["input_ids"][0, :n_context], context["input_ids"][0])
     with torch.no_grad():
@@ -196,23 +237,91 @@ def _teacher_forced_log_likelihood(model, processor, prompt: str, images, reply:
     return total, whole["input_ids"].shape[1] - n_context
 
 
-@pytest.mark.parametrize("length_normalize", [True, False])
-def test_choose_scores_equal_teacher_forcing_of_the_raw_model(answerer, length_normalize):
-    choices = ["A cat.", "Paris, at night", "A black dog running across the green park"]
-    chooser = VLMAnswerer(answerer.model_id, length_normalize=length_normalize)
-    output = chooser.choose(QUESTION, choices, QUERY, REFERENCES[:2])
-    raw = AutoModelForImageTextToText.from_pretrained(answerer.model_id, use_safetensors=True).eval()
-    processor = AutoProcessor.from_pretrained(answerer.model_id)
-    prompt, images = answerer.build_prompt(QUESTION, QUERY, REFERENCES[:2])
+def _reference_scores(raw, prompt: str, images, scored: list[str]) -> dict[str, np.ndarray]:
+    """Per normalisation, the scores of the replies " <text>" (both chat templates write an assistant
+    turn as "<role>: <reply>" after the "<role>:" prompt): summed log-probs as they are, / token count,
+    / len(text) in characters (lm-evaluation-harness's acc_norm)."""
+    model, processor = raw
+    totals, counts = map(np.array, zip(*(_teacher_forced_log_likelihood(model, processor, prompt, images, " " + text)
+                                         for text in scored)))
+    return {"none": totals, "tokens": totals / counts, "chars": totals / np.array([len(t) for t in scored])}
+
+
+@pytest.mark.parametrize("length_normalization", ["none", "tokens", "chars"])
+@pytest.mark.parametrize("choice_format", ["options", "letters"])
+def test_choose_scores_equal_teacher_forcing_of_the_raw_model(answerer, raw, choice_format, length_normalization):
+    architecture = answerer.model.config.model_type
+    lettered = choice_format == "letters"
+    # The literal prompt: the options listed lettered for "letters", not at all for "options".
+    prompt = (EXPECTED_LETTER_PROMPTS if lettered else EXPECTED_PROMPTS)[architecture][0]
+    chooser = VLMAnswerer(answerer.model_id, device="cpu", choice_format=choice_format,
+                          length_normalization=length_normalization)
+    output = chooser.choose(QUESTION, CHOICES, QUERY, REFERENCES[:2])
     assert output.prompt == prompt
-    expected = []
-    for choice in choices:
-        # Both chat templates write an assistant turn as "<role>: <reply>" after the "<role>:" prompt.
-        total, count = _teacher_forced_log_likelihood(raw, processor, prompt, images, " " + choice)
-        expected.append(total / count if length_normalize else total)
-    assert output.scores == pytest.approx(expected, abs=1e-4)
-    assert output.index == int(np.argmax(expected)) and output.choice == choices[output.index]
+    scored = ["A", "B", "C"] if lettered else CHOICES  # "letters" scores the letter, "options" the option
+    expected = _reference_scores(raw, prompt, [QUERY, REFERENCES[1].image], scored)
+    # The normalisations choose differently here, so the choice below checks the divisor too.
+    assert len({int(np.argmax(scores)) for scores in expected.values()}) > 1
+    assert output.log_likelihoods == pytest.approx(expected["none"].tolist(), abs=LOG_LIKELIHOOD_TOLERANCE)
+    assert output.scores == pytest.approx(expected[length_normalization].tolist(), abs=LOG_LIKELIHOOD_TOLERANCE)
+    best, runner_up = np.sort(expected[length_normalization])[::-1][:2]
+    assert best - runner_up > 10 * LOG_LIKELIHOOD_TOLERANCE  # the reference's choice is not a near tie
+    index = int(np.argmax(expected[length_normalization]))
+    assert (output.index, output.choice) == (index, CHOICES[index])  # the option, also when a letter was scored
+    assert (output.choice_format, output.length_normalization) == (choice_format, length_normalization)
     assert output.references == REFERENCES[:2] and output.dropped == []
+    # Per-call arguments override the answerer's defaults ("options", "chars").
+    again = answerer.choose(QUESTION, CHOICES, QUERY, REFERENCES[:2], choice_format=choice_format,
+                            length_normalization=length_normalization)
+    assert (again.prompt, again.index) == (output.prompt, output.index)
+    assert again.scores == pytest.approx(output.scores, abs=LOG_LIKELIHOOD_TOLERANCE)
+
+
+def test_lettered_prompt_lists_the_options_as_mrag_bench(answerer):
+    architecture = answerer.model.config.model_type
+    with_references, plain = EXPECTED_LETTER_PROMPTS[architecture]
+    assert answerer.build_prompt(QUESTION, QUERY, REFERENCES[:2], choices=CHOICES) == (
+        with_references, [QUERY, REFERENCES[1].image])
+    assert answerer.build_prompt(QUESTION, QUERY, choices=CHOICES) == (plain, [QUERY])  # no retrieval
+    assert answerer.choose(QUESTION, CHOICES, QUERY, choice_format="letters").prompt == plain
+    assert answerer.choose(QUESTION, CHOICES, QUERY).prompt == EXPECTED_PROMPTS[architecture][1]  # "options"
+    many = [f"option {i}" for i in range(26)]
+    assert "\nY: option 24\nZ: option 25\n" in answerer.build_prompt(QUESTION, QUERY, choices=many)[0]
+
+
+def test_the_default_normalisation_is_the_harness_acc_norm(llava):
+    """Defaults: continuation scoring, divided by characters; the config's defaults are the answerer's."""
+    from mmrag.pipelines.config import VLMConfig
+
+    output = llava.choose(QUESTION, CHOICES, QUERY)
+    assert (output.choice_format, output.length_normalization) == ("options", "chars")
+    assert output.scores == pytest.approx([ll / len(c) for ll, c in zip(output.log_likelihoods, CHOICES)], rel=1e-6)
+    assert (VLMConfig().choice_format, VLMConfig().length_normalization) == ("options", "chars")
+
+
+def test_config_choice_settings_reach_the_answerer(tiny_models_dir, tmp_path):
+    import typing
+
+    from mmrag.generators.vlm import CHOICE_FORMATS, LENGTH_NORMALIZATIONS
+    from mmrag.pipelines.builders import build_answerer
+    from mmrag.pipelines.config import VLMConfig, load_config
+    from mmrag.retrievers import ConfigError
+
+    fields = VLMConfig.model_fields
+    assert typing.get_args(fields["choice_format"].annotation) == CHOICE_FORMATS
+    assert typing.get_args(fields["length_normalization"].annotation) == LENGTH_NORMALIZATIONS
+    ensure_tiny_model("llava", tiny_models_dir)
+    f = tmp_path / "c.yaml"
+    f.write_text(f"vlm:\n  model: tiny:llava\n  choice_format: letters\n  length_normalization: tokens\n"
+                 f"tiny_models:\n  cache_dir: {tiny_models_dir}\n")
+    answerer = build_answerer(load_config(f))
+    assert (answerer.choice_format, answerer.length_normalization) == ("letters", "tokens")
+    for bad, message in (("length_normalization: bytes", r"`vlm.length_normalization` .* 'chars', got 'bytes'"),
+                         ("choice_format: A.", r"`vlm.choice_format` .* 'letters', got 'A.'"),
+                         ("length_normalize: true", "unknown key `vlm.length_normalize`")):  # the old key is gone
+        f.write_text(f"vlm:\n  {bad}\n")
+        with pytest.raises(ConfigError, match=message):
+            load_config(f)
 
 
 @pytest.mark.parametrize("choices, message", [
@@ -221,9 +330,42 @@ def test_choose_scores_equal_teacher_forcing_of_the_raw_model(answerer, length_n
     (["Paris", " "], r"choices\[1\]"),
     (["Paris", "London", "Paris"], "distinct"),
 ])
-def test_choose_refuses_bad_choices(llava, choices, message):
+@pytest.mark.parametrize("choice_format", ["options", "letters"])
+def test_choose_refuses_bad_choices(llava, choices, message, choice_format):
     with pytest.raises(GenerationError, match=message):
-        llava.choose(QUESTION, choices, QUERY)
+        llava.choose(QUESTION, choices, QUERY, choice_format=choice_format)
+
+
+def test_more_options_than_letters_is_a_typed_error(llava):
+    many = [f"option {i}" for i in range(27)]
+    message = r"`choices` has 27 options, more than the 26 letters A-Z .* pass at most 26 options, or use"
+    with pytest.raises(GenerationError, match=message):
+        llava.choose(QUESTION, many, QUERY, choice_format="letters")
+    with pytest.raises(GenerationError, match=message):
+        llava.build_prompt(QUESTION, QUERY, choices=many)
+    assert llava.choose(QUESTION, many, QUERY, choice_format="options").prompt == EXPECTED_PROMPTS["llava"][1]
+
+
+# ------------------------------------------------------------------------------------- answering
+def test_answers_equal_the_raw_models_generate(answerer, raw):
+    """Greedy and seeded sampled answers are the raw model's own generate() on the literal prompt."""
+    model, processor = raw
+    prompt = EXPECTED_PROMPTS[answerer.model.config.model_type][0]
+    inputs = _raw_inputs(processor, prompt, [QUERY, REFERENCES[1].image])
+    n_prompt = inputs["input_ids"].shape[1]
+
+    def reference(**options) -> str:
+        with torch.no_grad():
+            ids = model.generate(**inputs, max_new_tokens=8, **options)[0, n_prompt:]  # (new,)
+        return processor.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    greedy = answerer.answer(QUESTION, QUERY, REFERENCES[:2], max_new_tokens=8)
+    assert greedy.prompt == prompt
+    assert greedy.text and greedy.text == reference(do_sample=False)
+    torch.manual_seed(7)
+    sampled = reference(do_sample=True, temperature=1.0, top_p=1.0)
+    assert sampled != greedy.text
+    assert answerer.answer(QUESTION, QUERY, REFERENCES[:2], max_new_tokens=8, do_sample=True, seed=7).text == sampled
 
 
 # -------------------------------------------------------------------------- streaming and batching
@@ -294,7 +436,7 @@ def test_seeded_sampling_is_reproducible_and_leaves_the_global_rng(llava):
     assert llava.answer(QUESTION, QUERY, max_new_tokens=12).text != first  # greedy by default
     # Near-zero temperature, or a nucleus holding only the top token, samples the greedy answer.
     for option in ({"temperature": 1e-4}, {"top_p": 1e-6}):
-        sampler = VLMAnswerer(llava.model_id, do_sample=True, seed=1, max_new_tokens=12, **option)
+        sampler = VLMAnswerer(llava.model_id, device="cpu", do_sample=True, seed=1, max_new_tokens=12, **option)
         assert sampler.answer(QUESTION, QUERY).text == llava.answer(QUESTION, QUERY, max_new_tokens=12).text
     batch = lambda: [o.text for o in llava.answer_batch([QUESTION] * 2, [QUERY] * 2, do_sample=True, seed=3)]
     assert batch() == batch()
@@ -312,6 +454,12 @@ def test_seeded_sampling_is_reproducible_and_leaves_the_global_rng(llava):
     (lambda a: VLMAnswerer(a.model_id, max_new_tokens=-1), "`max_new_tokens` must be a positive integer, got -1"),
     (lambda a: VLMAnswerer(a.model_id, template="nope"), "`template` 'nope' lacks its 'intro' part"),
     (lambda a: VLMAnswerer(a.model_id, dtype="int8"), "`dtype` must be one of"),
+    (lambda a: VLMAnswerer(a.model_id, choice_format="mcq"),
+     "`choice_format` must be one of 'options', 'letters', got 'mcq'"),
+    (lambda a: VLMAnswerer(a.model_id, length_normalization="bytes"),
+     "`length_normalization` must be one of 'none', 'tokens', 'chars', got 'bytes'"),
+    (lambda a: a.choose(QUESTION, ["x", "y"], QUERY, choice_format="A."), "`choice_format` must be one of"),
+    (lambda a: a.choose(QUESTION, ["x", "y"], QUERY, length_normalization=True), "`length_normalization` must be"),
 ])
 def test_bad_inputs_are_typed_errors_naming_the_argument(llava, call, message):
     with pytest.raises(GenerationError, match=message):

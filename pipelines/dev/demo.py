@@ -1,8 +1,9 @@
 """``mmrag demo``: the newcomer's first run, on embedded Chroma and tiny offline models.
 
 It draws a sample knowledge base, ingests it, runs a text, an image and a composed search, asks a
-question about an image, draws a prompt with interleaved guidance, and writes everything to one
-self-contained HTML report.
+question about an image, draws a prompt with the configured guidance, and writes everything to one
+self-contained HTML report. Every stage runs through the pipelines' ``from_config``, as a user's
+call would, with the config's own defaults.
 """
 
 from __future__ import annotations
@@ -13,12 +14,20 @@ from pathlib import Path
 
 from mmrag.retrievers import Query
 
-from ..builders import build_answerer, build_generator, build_retriever, open_knowledge_base, uses_tiny_models
+from ..builders import open_knowledge_base, uses_tiny_models
 from ..config import Config, load_config
 from ..draw import EntityImagePipeline
-from .report import TINY_NOTE, render_answer, render_drawing, render_search, write_report
-from .sample_data import make_sample_set
+from ..search import SearchPipeline
 from ..vqa import RAGVQAPipeline
+from .report import (
+    TINY_NOTE,
+    render_answer,
+    render_drawing,
+    render_search,
+    write_report,
+)
+from .sample_data import make_sample_set
+
 
 def run_demo(config: Config, out: Path, *, log=None) -> Path:
     """Build the sample KB in ``out/kb`` and write ``out/index.html``; returns the report's path.
@@ -36,7 +45,7 @@ def run_demo(config: Config, out: Path, *, log=None) -> Path:
     sample = make_sample_set(out / "sample")
     report = kb.ingest(sample, batch_size=config.ingest.batch_size)
     log("      " + report.summary().splitlines()[0])
-    retriever = build_retriever(config, kb)
+    search = SearchPipeline.from_config(config)  # every stage as the config says, as a user's call
     first = kb.get(sorted(kb.vectors.all_ids())[:1])[0]
     entity = first.metadata.get("entity", "")
     sections = []
@@ -48,20 +57,18 @@ def run_demo(config: Config, out: Path, *, log=None) -> Path:
         ("composed search: this image, but blue", Query(text="but blue", image=first.image)),
     ):
         q = Query.coerce(query)
-        sections.append(render_search(title, q, retriever.retrieve(q, k=6)))
+        sections.append(render_search(title, q, search(q, k=6)))
 
     log("[4/6] asking a question about an image (retrieval-augmented VQA)")
-    vqa = RAGVQAPipeline(build_answerer(config), retriever)
+    vqa = RAGVQAPipeline.from_config(config)
     question = "What is the name of this entity?"
-    answer = vqa(question, image=first.image, k=3)
+    answer = vqa(question, image=first.image)
     sections.append(render_answer(question, first.image, answer))
 
-    log("[5/6] drawing with references retrieved for the prompt (interleaved guidance)")
-    draw = EntityImagePipeline(build_generator(config), retriever, channels=config.draw.channels)
+    log(f"[5/6] drawing with references retrieved for the prompt ({config.draw.guidance['name']} guidance)")
+    draw = EntityImagePipeline.from_config(config)
     prompt = f"the {entity} on a beach"
-    drawing = draw(prompt, k=config.draw.k, guidance=config.draw.guidance, seed=0,
-                   num_inference_steps=config.draw.num_inference_steps, height=config.draw.height,
-                   width=config.draw.width)
+    drawing = draw(prompt, seed=0)
     sections.append(render_drawing(prompt, drawing))
 
     note = (TINY_NOTE + " Run `mmrag demo --config configs/default.yaml` for real models."

@@ -78,7 +78,9 @@ def render_hits(hits: Sequence[Hit]) -> str:
             f"<div><b>#{h.rank}</b> score {h.score:.4f}</div>"
             f"<div>{_esc(h.record.text)}</div>"
             f'<div class="scores">{scores}</div>'
-            f'<div class="scores">id {_esc(h.id)}</div></div>'
+            f'<div class="scores">id {_esc(h.id)}</div>'
+            + (f'<div class="scores source">{_esc(h.record.source_path)}</div>' if h.record.source_path else "")
+            + "</div>"
         )
     return f'<div class="hits">{"".join(cards)}</div>'
 

@@ -22,7 +22,7 @@ from ..errors import EmbedderMismatchError, InvalidItemError
 from .images import PreparedImage, prepare_image
 from .records import IngestReport, Rejection, SourceItem, content_id
 from .sources import prepare_text
-from .store import IMAGE_KEY, SHA_KEY, encode_metadata
+from .store import IMAGE_KEY, SHA_KEY, SOURCE_PATH_KEY, encode_metadata
 
 if TYPE_CHECKING:
     from .knowledge_base import KnowledgeBase
@@ -41,7 +41,15 @@ class _Prepared:
 
     @property
     def fingerprint(self) -> tuple:
+        """What a stored record must equal for this item to be already present."""
         return (self.image.sha256, self.text, json.dumps(self.metadata, sort_keys=True))
+
+    @property
+    def content(self) -> tuple:
+        """The fingerprint without the source path: the same content found at a second place in
+        one ingestion (a copied file) is a duplicate of the first, not a conflicting record."""
+        meta = {k: v for k, v in self.metadata.items() if k != SOURCE_PATH_KEY}
+        return (self.image.sha256, self.text, json.dumps(meta, sort_keys=True))
 
 
 class Ingestion:
@@ -51,7 +59,7 @@ class Ingestion:
         self.kb = kb
         self.label = label
         self.report = IngestReport()
-        self._seen: dict[str, tuple[tuple, str]] = {}  # id -> (fingerprint, first ref), this run
+        self._seen: dict[str, tuple[tuple, str]] = {}  # id -> (content, first ref), this run
 
     def run(self, items: Iterator[SourceItem], batch_size: int, bar: Callable[[int | None], None]) -> IngestReport:
         report = self.report
@@ -99,7 +107,7 @@ class Ingestion:
         source = item.source or label
         try:
             metadata = encode_metadata(item.metadata or {}, image=self.kb.images.relpath(image.sha256, image.ext),
-                                       sha256=image.sha256, source=source)
+                                       sha256=image.sha256, source=source, source_path=item.source_path)
         except ValueError as e:
             raise InvalidItemError(str(e)) from None
         return _Prepared(ref=item.ref, source=source, id=record_id, text=text, image=image, metadata=metadata)
@@ -109,13 +117,13 @@ class Ingestion:
         fresh: dict[str, _Prepared] = {}
         for p in batch:
             if p.id in seen:
-                fp, first_ref = seen[p.id]
-                if fp == p.fingerprint:
+                content, first_ref = seen[p.id]
+                if content == p.content:
                     report.duplicates += 1
                 else:
                     report.rejected.append(Rejection(p.ref, f"id {p.id!r} repeats {first_ref} with other content", p.source))
                 continue
-            seen[p.id] = (p.fingerprint, p.ref)
+            seen[p.id] = (p.content, p.ref)
             fresh[p.id] = p
         if not fresh:
             return
@@ -212,13 +220,14 @@ def prefetch(gen: Iterator, depth: int = 2) -> Iterator:
         stop.set()  # a consumer that stops early (error, break) lets the worker exit
 
 
-def progress_bar(progress: bool | Callable[[int], None]) -> Callable[[int | None], None]:
-    """``bar(n)`` advances by n items, ``bar(None)`` closes."""
+def progress_bar(progress: bool | Callable[[int], None], total: int | None = None) -> Callable[[int | None], None]:
+    """``bar(n)`` advances by n items, ``bar(None)`` closes. With ``total`` (the number of items,
+    see :func:`~retrievers.kb.sources.count_source`) the bar shows a percentage and an ETA."""
     if callable(progress):
         return lambda n: None if n is None else progress(n)
     if not progress:
         return lambda n: None
     from tqdm.auto import tqdm
 
-    t = tqdm(unit="item", desc="ingest", file=sys.stderr)
+    t = tqdm(total=total, unit="item", desc="ingest", file=sys.stderr)
     return lambda n: t.close() if n is None else t.update(n)

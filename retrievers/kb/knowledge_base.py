@@ -23,8 +23,8 @@ from .ingest import Ingestion, progress_bar
 from .journal import Journal
 from .manifest import MANIFEST_NAME, resolve_manifest, write_json_atomic
 from .records import IngestReport, Record
-from .sources import DEFAULT_MAX_TEXT_CHARS, describe_source, iter_source
-from .store import HNSW_KEYS, IMAGE_KEY, ImageStore, VectorStore, decode_metadata, make_client
+from .sources import DEFAULT_MAX_TEXT_CHARS, count_source, describe_source, iter_source
+from .store import HNSW_KEYS, IMAGE_KEY, ImageStore, VectorStore, decode_record, make_client
 
 __all__ = ["MANIFEST_NAME", "KnowledgeBase"]
 
@@ -135,7 +135,7 @@ class KnowledgeBase:
         return [self._record(i, *found[i]) for i in ids if i in found]
 
     def _record(self, id: str, meta: dict, text: str) -> Record:
-        return Record(id=id, text=text, image=str(self.images.path(meta[IMAGE_KEY])), metadata=decode_metadata(meta))
+        return decode_record(id, meta, text, self.images)
 
     def info(self) -> dict[str, Any]:
         """Counts, embedder and sizes, as ``mmrag kb info`` prints them."""
@@ -175,19 +175,27 @@ class KnowledgeBase:
         *,
         batch_size: int = 64,
         progress: bool | Callable[[int], None] = False,
+        base_dir: str | os.PathLike | None = None,
     ) -> IngestReport:
         """Validate, store and embed every item of ``source``; bad items are reported, not raised.
 
         ``source`` is a folder of images with ``.txt``/``.json`` sidecars, a ``.jsonl`` or ``.csv``
-        manifest, WebDataset ``.tar`` shards, or an iterable of :class:`Record`. Re-ingesting a
-        source adds nothing. ``progress=True`` shows a bar; a callable receives items done.
+        manifest, WebDataset ``.tar`` shards, or an iterable of :class:`Record`. Each record keeps
+        where it came from as :attr:`Record.source_path`. Re-ingesting a source adds nothing.
+        ``progress=True`` shows a bar with the item total and an ETA (the source is counted first,
+        cheaply, see :func:`count_source`); a callable receives items done. ``base_dir`` lets a
+        manifest's image paths, relative or absolute, point anywhere inside that folder (by default
+        they must stay inside the manifest's own folder). ``report.all_rejected`` tells an ingestion
+        that stored nothing because every item was bad.
         """
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
             raise ConfigError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
-        items = iter_source(source, allow_remote=self.allow_remote)  # raises ConfigError on an unreadable source
+        # raises ConfigError on an unreadable source or a bad base_dir
+        items = iter_source(source, allow_remote=self.allow_remote, base_dir=base_dir)
         label = describe_source(source)
         start = time.perf_counter()
-        bar = progress_bar(progress)
+        total = count_source(source) if progress and not callable(progress) else None  # a callable gets no total
+        bar = progress_bar(progress, total=total)
         with self.journal.write_lock():
             report = Ingestion(self, label).run(items, batch_size, bar)
         bar(None)
@@ -195,7 +203,8 @@ class KnowledgeBase:
         return report
 
     def add(self, records: Iterable[Record], *, batch_size: int = 64) -> IngestReport:
-        """Add records (``image`` a path, bytes or PIL image); same guarantees as :meth:`ingest`."""
+        """Add records (``image`` a path, bytes or PIL image); same guarantees as :meth:`ingest`.
+        A record's own ``source_path`` is kept (none by default)."""
         if isinstance(records, Record):
             records = [records]
         return self.ingest(list(records) if not isinstance(records, list) else records, batch_size=batch_size)

@@ -24,12 +24,20 @@ class Record:
     When handed to :meth:`KnowledgeBase.add`, ``image`` may be a path, encoded bytes or a PIL image
     and ``id`` may be left out (it is then derived from the content, see :func:`content_id`).
     Records returned by the knowledge base carry the stored image's absolute path.
+
+    ``source_path`` says where the item came from inside its source, so that a hit can be traced
+    back to the user's file: ``"sub/red_ring.jpg"`` (relative to an ingested folder), the ``image``
+    field as written in a JSONL/CSV manifest, ``"shard-000.tar:00001/000010042"`` (shard name and
+    member key). It is provenance kept by the knowledge base, apart from the user's ``metadata``
+    (so no user key can clash with it); records given to :meth:`KnowledgeBase.add` keep their own,
+    by default none.
     """
 
     text: str
     image: ImageInput | None = None
     id: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    source_path: str | None = None
 
     def open_image(self) -> Image.Image:
         """The record's image (a path, encoded bytes or a PIL image) as RGB."""
@@ -48,7 +56,8 @@ class SourceItem:
     ``ref`` locates the item for humans (``"photos/cat.jpg"``, ``"data.jsonl:12"``,
     ``"shard-000.tar:000042"``). When the source already knows the item is unusable (a malformed
     manifest line, a path escaping the manifest's folder, a URL with remote fetching off, an image
-    without text), ``error`` holds the reason and the other fields may be empty.
+    without text), ``error`` holds the reason and the other fields may be empty. ``source_path`` is
+    what the stored record keeps as :attr:`Record.source_path`.
     """
 
     ref: str
@@ -58,6 +67,7 @@ class SourceItem:
     id: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    source_path: str | None = None
 
 
 @dataclass
@@ -74,9 +84,11 @@ class IngestReport:
     """What one ingestion did. Every source item is counted exactly once in one of the buckets.
 
     - ``added``: new records written;
-    - ``updated``: records whose user-given id already existed with other content (overwritten);
+    - ``updated``: records whose id already existed with other content, metadata, source or source
+      path (overwritten: a user-given id with a new image, a file moved inside its folder);
     - ``existing``: records already in the knowledge base with the same content (nothing written);
-    - ``duplicates``: items repeating an earlier item of the same ingestion;
+    - ``duplicates``: items repeating an earlier item of the same ingestion (the same content at
+      another source path too: the first one's path is kept);
     - ``rejected``: bad items, each with its reason.
     """
 
@@ -94,6 +106,12 @@ class IngestReport:
     @property
     def seen(self) -> int:
         return self.added + self.updated + self.existing + self.duplicates + len(self.rejected)
+
+    @property
+    def all_rejected(self) -> bool:
+        """True when items were seen and every one was rejected: nothing was stored or found
+        present (the CLI exits non-zero on it). An empty source is not all rejected."""
+        return self.seen > 0 and len(self.rejected) == self.seen
 
     def note(self, what: str, n: int = 1) -> None:
         """Count a non-fatal conversion (``"converted CMYK to RGB"``, ``"applied EXIF orientation"``)."""
@@ -118,6 +136,7 @@ class IngestReport:
         d = asdict(self)
         d["rejected"] = len(self.rejected)
         d["seen"] = self.seen
+        d["all_rejected"] = self.all_rejected
         return d
 
     def write_jsonl(self, path: str | os.PathLike) -> Path:

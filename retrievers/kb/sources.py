@@ -17,6 +17,14 @@ no ``.txt``). The tar is read in one streaming pass, holding one key's members a
 relies on a key's members being adjacent, as img2dataset and ``tar --sort=name`` write them. A key
 whose members are scattered cannot be regrouped in bounded memory: its stray members come out as an
 error item that says so (the earlier part of the key was already given out on its own).
+
+Each good item carries its ``source_path``, where it lies inside its source (kept by the knowledge
+base as :attr:`Record.source_path`): the image's path relative to the folder (``sub/x.jpg``), the
+manifest's ``image`` field as written, or ``shard.tar:key``.
+
+Manifest image paths resolve against the manifest's folder and must stay inside it; with
+``base_dir`` they resolve against ``base_dir`` instead and must stay inside that (an absolute path
+too), which is how a manifest names images kept elsewhere.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sized
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +70,7 @@ def iter_source(
     allow_remote: bool = False,
     fetch_timeout: float = 10.0,
     max_remote_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+    base_dir: str | os.PathLike | None = None,
 ) -> Iterator[SourceItem]:
     """Return a lazy iterator over the items of ``source``.
 
@@ -71,14 +80,45 @@ def iter_source(
     before anything is read; item problems come out later as items with ``error`` set.
 
     Manifest images may be http(s) URLs; they are fetched (``fetch_timeout`` seconds in all,
-    at most ``max_remote_bytes``) only with ``allow_remote=True``.
+    at most ``max_remote_bytes``) only with ``allow_remote=True``. Manifest image paths resolve
+    against the manifest's folder and must stay inside it; with ``base_dir`` (an existing folder)
+    they resolve against ``base_dir`` and must stay inside it, absolute paths included.
+    """
+    paths = _source_paths(source)
+    kinds = None if paths is None else [(path, _kind(path)) for path in paths]
+    base = _base_dir(base_dir, source, kinds)
+    if kinds is None:
+        return _iter_records(source)
+    fetch = _Fetcher(allow_remote, fetch_timeout, max_remote_bytes)
+    return _iter_paths(kinds, fetch, base)
+
+
+def count_source(source: Any) -> int | None:
+    """The number of items :func:`iter_source` gives for ``source``, found cheaply (no image is
+    read, no JSON parsed), for a progress bar's total; None when it is not known in advance.
+
+    Folders are walked and grouped as the iterator groups them, JSONL lines and CSV rows are
+    counted, tar shards have their headers scanned (None for a shard that cannot be scanned);
+    an iterable of records gives its ``len()``, a generator None.
     """
     paths = _source_paths(source)
     if paths is None:
-        return _iter_records(source)
-    kinds = [(path, _kind(path)) for path in paths]
-    fetch = _Fetcher(allow_remote, fetch_timeout, max_remote_bytes)
-    return _iter_paths(kinds, fetch)
+        return len(source) if isinstance(source, Sized) else None
+    total = 0
+    for path in paths:
+        kind = _kind(path)
+        if kind == "folder":
+            total += sum(1 for _ in _folder_groups(path))
+        elif kind == "jsonl":
+            total += sum(1 for _ in _jsonl_lines(path))
+        elif kind == "csv":
+            total += sum(1 for _ in _csv_rows(path))
+        else:
+            n = _count_tar(path)
+            if n is None:
+                return None
+            total += n
+    return total
 
 
 def describe_source(source: Any) -> str:
@@ -160,15 +200,31 @@ def _kind(path: Path) -> str:
     return kind
 
 
-def _iter_paths(kinds: list[tuple[Path, str]], fetch: "_Fetcher") -> Iterator[SourceItem]:
+def _base_dir(base_dir: str | os.PathLike | None, source: Any, kinds: list[tuple[Path, str]] | None) -> Path | None:
+    """``base_dir`` resolved and checked: an existing folder, given for a source with a manifest."""
+    if base_dir is None:
+        return None
+    if not isinstance(base_dir, (str, os.PathLike)) or not os.fspath(base_dir):
+        raise ConfigError(f"`base_dir` must be a folder path, got {base_dir!r}.")
+    if not Path(base_dir).is_dir():
+        raise ConfigError(f"`base_dir` must be an existing folder, got {os.fspath(base_dir)!r}.")
+    if kinds is None or not any(kind in ("jsonl", "csv") for _, kind in kinds):
+        raise ConfigError(
+            f"`base_dir` applies to the image paths of .jsonl/.csv manifests, but `source` "
+            f"({describe_source(source)}) has no manifest. Drop `base_dir`."
+        )
+    return Path(base_dir).resolve()
+
+
+def _iter_paths(kinds: list[tuple[Path, str]], fetch: "_Fetcher", base_dir: Path | None) -> Iterator[SourceItem]:
     for path, kind in kinds:
         label = describe_source(path)
         if kind == "folder":
             yield from _iter_folder(path, label)
-        elif kind == "jsonl":
-            yield from _iter_jsonl(path, label, fetch)
-        elif kind == "csv":
-            yield from _iter_csv(path, label, fetch)
+        elif kind in ("jsonl", "csv"):
+            root = _Root(base_dir, "base_dir") if base_dir is not None else _Root(path.parent.resolve(), None)
+            reader = _iter_jsonl if kind == "jsonl" else _iter_csv
+            yield from reader(path, label, fetch, root)
         else:
             yield from _iter_tar(path, label)
 
@@ -179,7 +235,8 @@ def _iter_records(records: Iterable[Any]) -> Iterator[SourceItem]:
         if isinstance(r, SourceItem):
             yield r
         elif isinstance(r, Record):
-            yield SourceItem(ref=ref, source="records", text=r.text, image=r.image, id=r.id, metadata=dict(r.metadata))
+            yield SourceItem(ref=ref, source="records", text=r.text, image=r.image, id=r.id, metadata=dict(r.metadata),
+                             source_path=r.source_path)
         else:
             yield SourceItem(ref=ref, source="records",
                              error=f"expected a Record or SourceItem, got {type(r).__name__}")
@@ -221,7 +278,8 @@ def _sidecar_json(data: bytes, name: str, text_keys: tuple[str, ...], use_text: 
 def _grouped_item(ref: str, label: str, image: str | bytes, txt: bytes | None, js: bytes | None,
                   js_name: str, text_keys: tuple[str, ...]) -> SourceItem:
     """One item from an image and its .txt / .json companions (folder sidecars, tar members).
-    The .txt is the text when there is one; the .json's text key is then left in the metadata."""
+    The .txt is the text when there is one; the .json's text key is then left in the metadata.
+    ``ref`` (the image's path in the folder, ``shard.tar:key``) is also the item's source path."""
     text, record_id, metadata = txt, None, {}
     if js is not None:
         try:
@@ -229,58 +287,67 @@ def _grouped_item(ref: str, label: str, image: str | bytes, txt: bytes | None, j
         except InvalidItemError as e:
             return SourceItem(ref=ref, source=label, error=e.reason)
         text = txt if txt is not None else json_text
-    return SourceItem(ref=ref, source=label, text=text, image=image, id=record_id, metadata=metadata)
+    return SourceItem(ref=ref, source=label, text=text, image=image, id=record_id, metadata=metadata,
+                      source_path=ref)
 
 
 # ------------------------------------------------------------------------------------------ folder
 def _iter_folder(root: Path, label: str) -> Iterator[SourceItem]:
+    for entry in _folder_groups(root):
+        if isinstance(entry, OSError):
+            ref = os.path.relpath(entry.filename, root) if entry.filename else "."
+            yield SourceItem(ref=ref, source=label, error=f"cannot read folder: {entry.strerror or entry}")
+        else:
+            yield _folder_group_item(root, label, *entry)
+
+
+def _folder_groups(root: Path) -> Iterator[tuple[Path, str, dict[str, list[str]]] | OSError]:
+    """In walk order, each ``(folder, stem, {"image": [...], ".txt": [...], ".json": [...]})`` group
+    of files sharing a stem, and each folder that could not be read (its OSError): one per item,
+    so that :func:`count_source` counts what :func:`_iter_folder` gives without reading a file."""
     unreadable: list[OSError] = []
     visited: set[str] = set()
     # Linked-in folders are followed (datasets often are); a link back up the tree is visited once.
     for folder, dirs, files in os.walk(root, onerror=unreadable.append, followlinks=True):
-        yield from _unreadable_items(root, label, unreadable)
+        yield from _drain(unreadable)
         real = os.path.realpath(folder)
         if real in visited:
             dirs[:] = []
             continue
         visited.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # sorted in place: os.walk's order
-        yield from _folder_items(root, Path(folder), sorted(f for f in files if not f.startswith(".")), label)
-    yield from _unreadable_items(root, label, unreadable)
+        groups: dict[str, dict[str, list[str]]] = {}
+        for name in sorted(f for f in files if not f.startswith(".")):
+            stem, ext = os.path.splitext(name)
+            ext = ext.lower()
+            role = "image" if ext in IMAGE_EXTENSIONS else ext if ext in (".txt", ".json") else None
+            if role is not None:
+                groups.setdefault(stem, {"image": [], ".txt": [], ".json": []})[role].append(name)
+        for stem in sorted(groups):
+            yield Path(folder), stem, groups[stem]
+    yield from _drain(unreadable)
 
 
-def _unreadable_items(root: Path, label: str, errors: list[OSError]) -> Iterator[SourceItem]:
+def _drain(errors: list[OSError]) -> Iterator[OSError]:
     while errors:
-        e = errors.pop(0)
-        ref = os.path.relpath(e.filename, root) if e.filename else "."
-        yield SourceItem(ref=ref, source=label, error=f"cannot read folder: {e.strerror or e}")
+        yield errors.pop(0)
 
 
-def _folder_items(root: Path, folder: Path, names: list[str], label: str) -> Iterator[SourceItem]:
-    groups: dict[str, dict[str, list[str]]] = {}
-    for name in names:
-        stem, ext = os.path.splitext(name)
-        ext = ext.lower()
-        role = "image" if ext in IMAGE_EXTENSIONS else ext if ext in (".txt", ".json") else None
-        if role is not None:
-            groups.setdefault(stem, {"image": [], ".txt": [], ".json": []})[role].append(name)
-    for stem in sorted(groups):
-        group = groups[stem]
-        images, txts, jsons = group["image"], group[".txt"], group[".json"]
-        first = (images or txts or jsons)[0]
-        ref = (folder / first).relative_to(root).as_posix()
-        if len(images) > 1 or len(txts) > 1 or len(jsons) > 1:
-            found = ", ".join(images + txts + jsons)
-            yield SourceItem(ref=ref, source=label, error=f"ambiguous files share the stem {stem!r} ({found}); "
-                                                          "give each image its own name")
-        elif not images:
-            sidecar = (txts or jsons)[0]
-            yield SourceItem(ref=ref, source=label,
-                             error=f"no image for this sidecar (no {stem}.jpg, .png, ... next to {sidecar})")
-        elif not txts and not jsons:
-            yield SourceItem(ref=ref, source=label, error=f"no sidecar text ({stem}.txt or {stem}.json)")
-        else:
-            yield _folder_item(folder, ref, label, images[0], txts, jsons)
+def _folder_group_item(root: Path, label: str, folder: Path, stem: str, group: dict[str, list[str]]) -> SourceItem:
+    images, txts, jsons = group["image"], group[".txt"], group[".json"]
+    first = (images or txts or jsons)[0]
+    ref = (folder / first).relative_to(root).as_posix()
+    if len(images) > 1 or len(txts) > 1 or len(jsons) > 1:
+        found = ", ".join(images + txts + jsons)
+        return SourceItem(ref=ref, source=label, error=f"ambiguous files share the stem {stem!r} ({found}); "
+                                                       "give each image its own name")
+    if not images:
+        sidecar = (txts or jsons)[0]
+        return SourceItem(ref=ref, source=label,
+                          error=f"no image for this sidecar (no {stem}.jpg, .png, ... next to {sidecar})")
+    if not txts and not jsons:
+        return SourceItem(ref=ref, source=label, error=f"no sidecar text ({stem}.txt or {stem}.json)")
+    return _folder_item(folder, ref, label, images[0], txts, jsons)
 
 
 def _folder_item(folder: Path, ref: str, label: str, image: str, txts: list[str], jsons: list[str]) -> SourceItem:
@@ -294,44 +361,67 @@ def _folder_item(folder: Path, ref: str, label: str, image: str, txts: list[str]
 
 
 # --------------------------------------------------------------------------------------- manifests
-def _iter_jsonl(path: Path, label: str, fetch: "_Fetcher") -> Iterator[SourceItem]:
-    base = path.parent.resolve()
+class _Root:
+    """The folder a manifest's image paths resolve against and must stay inside: the manifest's
+    own folder, or ``base_dir`` when one is given (``name`` then says so in rejections)."""
+
+    def __init__(self, folder: Path, name: str | None):
+        self.folder = folder
+        self.name = name
+
+    def describe(self) -> str:
+        if self.name is None:
+            return (f"the manifest's folder {self.folder} (paths must stay inside it; "
+                    "pass base_dir / --base-dir to allow another folder)")
+        return f"{self.name} {self.folder} (paths must stay inside it)"
+
+
+def _jsonl_lines(path: Path) -> Iterator[tuple[str, str | None, str | None]]:
+    """``(ref, line, error)`` per non-blank line: the decoded line, or why it cannot be decoded."""
     with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):
             ref = f"{path.name}:{number}"
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                yield SourceItem(ref=ref, source=label, error=f"line is not valid UTF-8 ({e.reason} at byte {e.start})")
+                yield ref, None, f"line is not valid UTF-8 ({e.reason} at byte {e.start})"
                 continue
             if number == 1:
                 line = line.removeprefix("\ufeff")  # byte-order mark written by some editors
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield SourceItem(ref=ref, source=label, error=f"line is not valid JSON ({e.msg} at column {e.colno})")
-                continue
-            if not isinstance(obj, dict):
-                yield SourceItem(ref=ref, source=label, error=f"line holds a JSON {type(obj).__name__}, "
-                                                              "expected an object with 'image' and 'text'")
-                continue
-            yield _jsonl_item(obj, ref, label, base, fetch)
+            if line.strip():
+                yield ref, line, None
 
 
-def _jsonl_item(obj: dict[str, Any], ref: str, label: str, base: Path, fetch: "_Fetcher") -> SourceItem:
+def _iter_jsonl(path: Path, label: str, fetch: "_Fetcher", root: _Root) -> Iterator[SourceItem]:
+    for ref, line, error in _jsonl_lines(path):
+        if error is not None:
+            yield SourceItem(ref=ref, source=label, error=error)
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield SourceItem(ref=ref, source=label, error=f"line is not valid JSON ({e.msg} at column {e.colno})")
+            continue
+        if not isinstance(obj, dict):
+            yield SourceItem(ref=ref, source=label, error=f"line holds a JSON {type(obj).__name__}, "
+                                                          "expected an object with 'image' and 'text'")
+            continue
+        yield _jsonl_item(obj, ref, label, root, fetch)
+
+
+def _jsonl_item(obj: dict[str, Any], ref: str, label: str, root: _Root, fetch: "_Fetcher") -> SourceItem:
     try:
         for key in ("image", "text"):
             if key not in obj:
                 raise InvalidItemError(f"missing the {key!r} field")
         obj = dict(obj)
-        image = obj.pop("image")
+        written = obj.pop("image")
         text, record_id, metadata = _item_fields(obj, _TEXT_KEYS)
-        image = _manifest_image(image, base, fetch)  # last: nothing is fetched for an item already bad
+        image = _manifest_image(written, root, fetch)  # last: nothing is fetched for an item already bad
     except InvalidItemError as e:
         return SourceItem(ref=ref, source=label, error=e.reason)
-    return SourceItem(ref=ref, source=label, text=text, image=image, id=record_id, metadata=metadata)
+    return SourceItem(ref=ref, source=label, text=text, image=image, id=record_id, metadata=metadata,
+                      source_path=written)
 
 
 def _check_csv_header(path: Path) -> None:
@@ -347,8 +437,8 @@ def _check_csv_header(path: Path) -> None:
         )
 
 
-def _iter_csv(path: Path, label: str, fetch: "_Fetcher") -> Iterator[SourceItem]:
-    base = path.parent.resolve()
+def _csv_rows(path: Path) -> Iterator[tuple[str, dict[str, str] | None, str | None]]:
+    """``(ref, row, error)`` per non-blank row: the row by column name, or why it cannot be read."""
     # surrogateescape turns bytes that are not UTF-8 into markers found per row below, instead of
     # an exception that would end the whole file.
     with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
@@ -360,28 +450,37 @@ def _iter_csv(path: Path, label: str, fetch: "_Fetcher") -> Iterator[SourceItem]
             except StopIteration:
                 return
             except csv.Error as e:  # the parser skips to the next line after an error
-                yield SourceItem(ref=f"{path.name}:{rows.line_num}", source=label, error=f"row is not valid CSV ({e})")
+                yield f"{path.name}:{rows.line_num}", None, f"row is not valid CSV ({e})"
                 continue
             ref = f"{path.name}:{rows.line_num}"  # the row's (last) line in the file
             if not fields:
                 continue  # a blank line
             if len(fields) != len(header):
-                yield SourceItem(ref=ref, source=label,
-                                 error=f"row has {len(fields)} fields, the header has {len(header)}")
+                yield ref, None, f"row has {len(fields)} fields, the header has {len(header)}"
             elif not all(_is_utf8(v) for v in fields):
-                yield SourceItem(ref=ref, source=label, error="row is not valid UTF-8")
+                yield ref, None, "row is not valid UTF-8"
             else:
-                yield _csv_item(dict(zip(header, fields)), ref, label, base, fetch)
+                yield ref, dict(zip(header, fields)), None
 
 
-def _csv_item(row: dict[str, str], ref: str, label: str, base: Path, fetch: "_Fetcher") -> SourceItem:
+def _iter_csv(path: Path, label: str, fetch: "_Fetcher", root: _Root) -> Iterator[SourceItem]:
+    for ref, row, error in _csv_rows(path):
+        if error is not None:
+            yield SourceItem(ref=ref, source=label, error=error)
+        else:
+            yield _csv_item(row, ref, label, root, fetch)
+
+
+def _csv_item(row: dict[str, str], ref: str, label: str, root: _Root, fetch: "_Fetcher") -> SourceItem:
+    written = row.pop("image")
     try:
-        image = _manifest_image(row.pop("image"), base, fetch)
+        image = _manifest_image(written, root, fetch)
     except InvalidItemError as e:
         return SourceItem(ref=ref, source=label, error=e.reason)
     text = row.pop("text")
     record_id = row.pop("id", None) or None  # an empty id cell means "no id"
-    return SourceItem(ref=ref, source=label, text=text, image=image, id=record_id, metadata=row)
+    return SourceItem(ref=ref, source=label, text=text, image=image, id=record_id, metadata=row,
+                      source_path=written)
 
 
 def _is_utf8(value: str) -> bool:
@@ -392,7 +491,7 @@ def _is_utf8(value: str) -> bool:
     return True
 
 
-def _manifest_image(value: Any, base: Path, fetch: "_Fetcher") -> str | bytes:
+def _manifest_image(value: Any, root: _Root, fetch: "_Fetcher") -> str | bytes:
     if not isinstance(value, str) or not value.strip():
         raise InvalidItemError(f"the 'image' field must be a path or an http(s) URL, got {value!r}")
     scheme = urllib.parse.urlsplit(value).scheme.lower()
@@ -400,12 +499,11 @@ def _manifest_image(value: Any, base: Path, fetch: "_Fetcher") -> str | bytes:
         return fetch(value)
     if len(scheme) > 1:  # one letter is a Windows drive, not a scheme
         raise InvalidItemError(f"unsupported URL scheme {scheme!r} in 'image' (use a path or an http(s) URL)")
-    # resolve() follows symlinks, so a link inside the folder that points outside counts as outside.
-    resolved = (base / value).resolve()
-    if not resolved.is_relative_to(base):
-        raise InvalidItemError(
-            f"image path {value!r} is outside the manifest's folder {base} (paths must stay inside it)"
-        )
+    # resolve() follows symlinks, so a link inside the folder that points outside counts as outside;
+    # an absolute path replaces the folder in the join and is held to the same rule.
+    resolved = (root.folder / value).resolve()
+    if not resolved.is_relative_to(root.folder):
+        raise InvalidItemError(f"image path {value!r} is outside {root.describe()}")
     return str(resolved)
 
 
@@ -484,6 +582,30 @@ class _TarGroup:
                              f"{self.key}.json", _TAR_TEXT_KEYS)
 
 
+def _tar_key(member: tarfile.TarInfo) -> tuple[str, str, str] | None:
+    """``(key, base name, extension)`` of a member, None for one that is no part of any item."""
+    folder, base = posixpath.split(member.name)
+    if member.isdir() or base.startswith("."):
+        return None
+    stem, _, ext = base.partition(".")
+    return posixpath.join(folder, stem), base, ext
+
+
+def _count_tar(path: Path) -> int | None:
+    """Items in a shard: runs of adjacent members sharing a key, as :func:`_iter_tar` groups them.
+    Only headers are read ("r:" seeks past the data); None when the shard cannot be scanned."""
+    runs, last = 0, None
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                parts = _tar_key(member)
+                if parts is not None and parts[0] != last:
+                    runs, last = runs + 1, parts[0]
+    except (tarfile.TarError, OSError, EOFError):
+        return None
+    return runs
+
+
 def _iter_tar(path: Path, label: str) -> Iterator[SourceItem]:
     wanted = {ext.lstrip(".") for ext in IMAGE_EXTENSIONS} | {"txt", "json"}
     group: _TarGroup | None = None
@@ -493,11 +615,10 @@ def _iter_tar(path: Path, label: str) -> Iterator[SourceItem]:
         # "r|" streams: one pass, nothing but the current member in memory.
         with tarfile.open(path, mode="r|") as tar:
             for member in tar:
-                folder, base = posixpath.split(member.name)
-                if member.isdir() or base.startswith("."):
+                parts = _tar_key(member)
+                if parts is None:
                     continue
-                stem, _, ext = base.partition(".")
-                key = posixpath.join(folder, stem)
+                key, base, ext = parts
                 if group is None or key != group.key:
                     if group is not None:
                         yield group.item(path.name, label)

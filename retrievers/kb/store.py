@@ -17,12 +17,14 @@ from urllib.parse import urlparse
 import numpy as np
 
 from ..errors import ConfigError, KnowledgeBaseError
+from .records import Record
 
 # System metadata keys. User metadata keys may not start with this prefix.
 RESERVED_PREFIX = "mmrag_"
 IMAGE_KEY = "mmrag_image"  # image path relative to the KB folder
 SHA_KEY = "mmrag_sha256"
 SOURCE_KEY = "mmrag_source"
+SOURCE_PATH_KEY = "mmrag_source_path"  # where in its source the item came from (Record.source_path)
 JSON_KEYS = "mmrag_json"  # JSON list of user keys whose values were JSON-encoded
 _SCALARS = (str, int, float, bool)
 # Chroma's ef_search of 100 gives recall@10 of ~0.86 on 20k 512-d vectors of intrinsic dimension 64;
@@ -97,11 +99,17 @@ class ImageStore:
 
 
 # ---------------------------------------------------------------------------- metadata codec
-def encode_metadata(user: dict[str, Any], *, image: str, sha256: str, source: str) -> dict[str, Any]:
+def encode_metadata(user: dict[str, Any], *, image: str, sha256: str, source: str,
+                    source_path: str | None = None) -> dict[str, Any]:
     """Flatten user metadata for Chroma: scalars stay as they are (so ``where`` filters work on
     them); ``None``, lists and dicts are JSON-encoded and listed under ``mmrag_json`` so that
-    :func:`decode_metadata` gives back exactly what the user stored."""
+    :func:`decode_metadata` gives back exactly what the user stored. ``source_path`` is kept under
+    a system key (absent when None: Chroma stores no None), apart from the user's keys."""
     meta: dict[str, Any] = {IMAGE_KEY: image, SHA_KEY: sha256, SOURCE_KEY: source}
+    if source_path is not None:
+        if not isinstance(source_path, str) or not source_path:
+            raise ValueError(f"`source_path` must be a non-empty string or None, got {source_path!r}")
+        meta[SOURCE_PATH_KEY] = source_path
     encoded = []
     for key, value in user.items():
         if not isinstance(key, str) or not key:
@@ -129,6 +137,14 @@ def decode_metadata(meta: dict[str, Any] | None) -> dict[str, Any]:
     for k in encoded:
         user[k] = json.loads(user[k])
     return user
+
+
+def decode_record(record_id: str, meta: dict[str, Any], document: str, images: ImageStore) -> Record:
+    """A stored record (Chroma metadata and document) as the :class:`Record` users see: the image
+    as its absolute path in ``images``, user metadata, and the system keys users read
+    (``source_path``). Every reader of the collections builds its records here."""
+    return Record(id=record_id, text=document, image=str(images.path(meta[IMAGE_KEY])),
+                  metadata=decode_metadata(meta), source_path=meta.get(SOURCE_PATH_KEY))
 
 
 # ---------------------------------------------------------------------------- chroma
