@@ -6,8 +6,7 @@ Names load on first use (PEP 562): ``mmrag.generators.guidance`` needs only torc
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from mmrag._lazy import lazy_exports
 
 _MODULES = {
     "diffusion": ("CALLBACK_TENSOR_INPUTS", "SCHEDULERS", "GenerationOutput", "ReferenceDiffusionGenerator"),
@@ -22,13 +21,4 @@ _EXPORTS = {name: f"mmrag.generators.{module}" for module, names in _MODULES.ite
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'mmrag.generators' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports("mmrag.generators", globals(), _EXPORTS)

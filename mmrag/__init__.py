@@ -13,9 +13,9 @@ load on first use (PEP 562), so ``import mmrag`` stays cheap.
 
 from __future__ import annotations
 
-import importlib
 from importlib.metadata import PackageNotFoundError, version as _version
-from typing import Any
+
+from ._lazy import lazy_exports
 
 try:
     __version__ = _version("mmrag")
@@ -45,13 +45,4 @@ _EXPORTS = {
 __all__ = ["__version__", *sorted(_EXPORTS)]
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'mmrag' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports("mmrag", globals(), _EXPORTS)

@@ -5,8 +5,7 @@ Names load on first use (PEP 562), so ``mmrag kb info`` does not pay for importi
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from mmrag._lazy import lazy_exports
 
 _EXPORTS = {
     "Config": "mmrag.pipelines.config",
@@ -28,13 +27,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'pipelines' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports("mmrag.pipelines", globals(), _EXPORTS)
