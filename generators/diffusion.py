@@ -44,6 +44,7 @@ from diffusers import (
 from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 
+from mmrag._devices import device_problem
 from mmrag.generators.dtypes import parse_dtype
 from mmrag.generators.errors import GenerationError, GeneratorLoadError
 from mmrag.generators.guidance import Guidance, Row, guidance_from_config
@@ -155,6 +156,9 @@ class ReferenceDiffusionGenerator:
         self.ip_adapter_scale = ip_adapter_scale
         self.scheduler = scheduler
         self.guidance = guidance_from_config(guidance)
+        problem = device_problem(device)
+        if problem is not None:
+            raise GenerationError(f"`device` {problem}.")
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device is None else device)
         self.dtype = (torch.float16 if self.device.type == "cuda" else torch.float32) if dtype is None else dtype
         self.variant = variant

@@ -37,6 +37,7 @@ import PIL.Image
 import torch
 from transformers import TextIteratorStreamer
 
+from mmrag._devices import device_problem
 from mmrag.generators.dtypes import parse_dtype
 from mmrag.generators.errors import ContextLengthError, GenerationError, GeneratorLoadError, UnsupportedModelError
 from mmrag.prompts import TemplateError, load_template, render
@@ -160,6 +161,9 @@ class VLMAnswerer:
         if choice_format == "letters":
             _check_template(template, LETTER_TEMPLATE_PARTS, "choice_format='letters'")
         self.model_id = str(model_id)
+        problem = device_problem(device)
+        if problem is not None:
+            raise GenerationError(f"`device` {problem}.")
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device is None else device)
         if dtype is None and self.device.type == "cuda":
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -14,24 +14,11 @@ from .config import TINY_PREFIX, Config
 
 def check_device(name: str, device: str | None) -> None:
     """Refuse a device this machine does not have, with the fix, before any model loads."""
-    if device is None:
-        return
-    import torch
+    from mmrag._devices import device_problem
 
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"`{name}` {device!r} is not a device; use cpu, cuda, cuda:N or mps.") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"`{name}` is {device!r} but CUDA is not available on this machine; use cpu.")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"`{name}` is {device!r} but this machine has {torch.cuda.device_count()} CUDA "
-                              f"device(s): use cuda:0..cuda:{torch.cuda.device_count() - 1}.")
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"`{name}` is {device!r} but MPS is not available on this machine; use cpu.")
-    elif dev.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"`{name}` {device!r} is not supported; use cpu, cuda, cuda:N or mps.")
+    problem = device_problem(device)
+    if problem is not None:
+        raise ConfigError(f"`{name}` {problem}.")
 
 
 def build_embedder(config: Config) -> DualEncoder:

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mmrag._devices import device_problem
+
 from .errors import ConfigError, ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -71,6 +73,9 @@ class DualEncoder:
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
             raise ConfigError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
         self.model_id = normalize_model_id(model_id)
+        problem = device_problem(device)
+        if problem is not None:
+            raise ConfigError(f"`device` {problem}.")
         self.device = device if device is not None else default_device()
         self.dtype = resolve_dtype(dtype, self.device)
         self.batch_size = batch_size

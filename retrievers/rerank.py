@@ -35,6 +35,8 @@ from PIL import Image
 from mmrag.prompts import TemplateError, load_template, render
 
 from .encoders import DualEncoder, default_device, normalize_model_id, resolve_dtype
+from mmrag._devices import device_problem
+
 from .errors import ConfigError, ModelLoadError
 from .query import Hit, Query, QueryLike
 
@@ -204,6 +206,9 @@ class CrossEncoderReranker(Reranker):
                  dtype: str | None = None, revision: str | None = None, trust_remote_code: bool = False):
         super().__init__(batch_size=batch_size)
         self.model_id = normalize_model_id(model_id)
+        problem = device_problem(device)
+        if problem is not None:
+            raise ConfigError(f"`device` {problem}.")
         self.device = device if device is not None else default_device()
         self.dtype = resolve_dtype(dtype, self.device)
         self.revision = revision

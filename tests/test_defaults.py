@@ -213,3 +213,20 @@ def test_version_and_help_texts(capsys):
         for sub in subs:
             missing += [f"{sub.prog} {o.option_strings or o.dest}" for o in sub._actions if not o.help]
     assert not missing, missing
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_components_refuse_a_missing_device_with_a_typed_error(tiny_clip, tiny_sd):
+    """Not torch's AssertionError at the first .to(): an error naming `device`, the value and the fix."""
+    from mmrag.generators import GenerationError, ReferenceDiffusionGenerator, VLMAnswerer
+    from mmrag.retrievers.rerank import CrossEncoderReranker
+
+    for build in (lambda: DualEncoder(tiny_clip, device="cuda"), lambda: CrossEncoderReranker("x", device="cuda:3")):
+        with pytest.raises(ConfigError, match=r"`device` 'cuda(:3)?': CUDA is not available .*use cpu"):
+            build()
+    for build in (lambda: ReferenceDiffusionGenerator(tiny_sd[0], ip_adapter=tiny_sd[1], device="cuda"),
+                  lambda: VLMAnswerer("x", device="cuda")):
+        with pytest.raises(GenerationError, match="CUDA is not available"):
+            build()
+    with pytest.raises(ConfigError, match="not a device"):
+        DualEncoder(tiny_clip, device="gpu0")
