@@ -2,14 +2,16 @@
 
 Every message names the argument, shows the offending value and says how to fix it (listing the
 valid choices where there are some), so that the CLI can print ``str(error)`` as one line.
-`generators` may not import `retrievers`, hence a base class of its own: the CLI catches both
-`retrievers.errors.MMRAGError` and `GeneratorsError`.
+Their base, `GeneratorsError`, derives from the library's one root, :class:`mmrag.errors.MMRAGError`
+(`generators` may not import `retrievers`; both import the root).
 """
 
 from __future__ import annotations
 
+from mmrag.errors import MMRAGError
 
-class GeneratorsError(Exception):
+
+class GeneratorsError(MMRAGError):
     """Base class of every error the generators raise on purpose."""
 
 

@@ -37,7 +37,7 @@ _EXPORTS = {
     "Query": "mmrag.retrievers",
     "Hit": "mmrag.retrievers",
     "Record": "mmrag.retrievers",
-    "MMRAGError": "mmrag.retrievers",
+    "MMRAGError": "mmrag.errors",
     "ReferenceDiffusionGenerator": "mmrag.generators",
     "VLMAnswerer": "mmrag.generators",
 }

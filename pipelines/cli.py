@@ -175,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(args.verbose, os.environ.get("MMRAG_LOG", ""))
     if not verbose and not os.environ.get("MMRAG_DEBUG"):
         _quiet_libraries()
-    from mmrag.retrievers.errors import MMRAGError
+    from mmrag.errors import MMRAGError
 
     try:
         return _COMMANDS[args.command](args) or 0
@@ -183,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mmrag {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # one line for users; the traceback on request
-        if _is_user_error(e, MMRAGError):
+        if isinstance(e, MMRAGError):  # every error a user can cause, from any subpackage
             print(f"mmrag {args.command}: error: {e}", file=sys.stderr)
             return EXIT_ERROR
         if os.environ.get("MMRAG_DEBUG"):
@@ -209,18 +209,6 @@ def _configure_logging(verbose: bool, level_name: str) -> None:
         logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False
-
-
-def _is_user_error(error: Exception, base: type) -> bool:
-    """mmrag's typed errors: retrievers' MMRAGError, generators' GeneratorsError, prompts'
-    TemplateError. Checked through sys.modules, so a command that never touched the generators
-    does not pay for importing diffusers here."""
-    bases = [base]
-    if "mmrag.generators.errors" in sys.modules:
-        bases.append(sys.modules["mmrag.generators.errors"].GeneratorsError)
-    if "mmrag.prompts.loader" in sys.modules:
-        bases.append(sys.modules["mmrag.prompts.loader"].TemplateError)
-    return isinstance(error, tuple(bases))
 
 
 def _quiet_libraries() -> None:

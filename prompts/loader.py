@@ -13,10 +13,12 @@ import importlib.resources
 import string
 from functools import cache
 
+from mmrag.errors import MMRAGError
+
 TEMPLATES_DIR = importlib.resources.files("mmrag.prompts") / "templates"
 
 
-class TemplateError(ValueError):
+class TemplateError(MMRAGError, ValueError):
     """A template is missing, or was rendered with missing or unknown fields."""
 
 

@@ -6,9 +6,9 @@ it, so that the CLI can print ``str(error)`` as one line and exit non-zero.
 
 from __future__ import annotations
 
+from mmrag.errors import MMRAGError
 
-class MMRAGError(Exception):
-    """Base class of every error mmrag raises on purpose (the CLI prints these as one line)."""
+__all__ = ["MMRAGError"]  # re-exported: the one base class, shared with generators and prompts
 
 
 class ConfigError(MMRAGError, ValueError):
