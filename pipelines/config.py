@@ -196,7 +196,9 @@ def load_config(source: str | os.PathLike | Mapping[str, Any] | Config | None = 
     """Build a :class:`Config` from a YAML path, a preset name (``"tiny"``), a dict, or nothing
     (defaults), then apply dotted ``overrides`` (``{"kb.path": "my-kb", "vlm.seed": None}``)."""
     if isinstance(source, Config):
-        data = source.model_dump()
+        # only what was set: which keys a config names matters (an existing KB keeps its own
+        # embedder unless the config names one), and a round trip must not set them all
+        data = source.model_dump(exclude_unset=True)
         where = "config"
     elif source is None:
         data, where = {}, "defaults"

@@ -71,3 +71,12 @@ def test_overrides_do_not_touch_the_callers_dict():
     source = {"kb": {"path": "a"}}
     assert load_config(source, {"kb.path": "b", "kb.url": "http://127.0.0.1:1"}).kb.path == "b"
     assert source == {"kb": {"path": "a"}}
+
+
+def test_a_config_passed_on_keeps_which_keys_were_set():
+    """from_config(load_config(...)) must not turn defaults into explicit choices: an existing KB
+    keeps its own embedder unless the config names one."""
+    cfg = load_config(None, {"kb.path": "x"})
+    again = load_config(cfg, {"vqa.k": 5})
+    assert again.embedder.model_fields_set == set() and again.vqa.k == 5 and again.kb.path == "x"
+    assert "model" in load_config(load_config("tiny")).embedder.model_fields_set
