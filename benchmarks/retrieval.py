@@ -70,7 +70,7 @@ def build_kb(path: Path, enc: DualEncoder, n: int, seed: int = 0) -> tuple[Knowl
         v /= np.linalg.norm(v, axis=1, keepdims=True)
         all_vecs[s:e] = v
         texts = [" ".join(rng.choice(WORDS, 6)) + f" {i}" for i in range(s, e)]
-        metas = [{"mmrag_image": "00/none.png", "mmrag_sha256": "0" * 64, "mmrag_source": "synthetic",
+        metas = [{"mmrag_image": "00/" + "0" * 64 + ".png", "mmrag_sha256": "0" * 64, "mmrag_source": "synthetic",
                   "group": int(i % 10)} for i in range(s, e)]
         kb.vectors.write(ids[s:e], v, v, metas, texts, upsert=False)
     return kb, all_vecs, ids

@@ -362,6 +362,9 @@ def _cmd_search(args) -> int:
         rewriter = rewriter if cfg.retriever.composed_method == "cirevl" else None
     search = SearchPipeline(build_retriever(cfg, kb, captioner=captioner, rewriter=rewriter), build_reranker(cfg))
     hits = search(query, k=args.k, where=where)
+    if hits.collapsed:
+        print(f"note: {hits.collapsed} near-duplicate(s) left out (retriever.near_duplicate_threshold "
+              f"{cfg.retriever.near_duplicate_threshold}; null keeps them)", file=sys.stderr)
     if args.html:
         note = TINY_NOTE if uses_tiny_models(cfg, kb) else None
         path = write_report(args.html, "mmrag search", [render_search("query", query, hits)], note=note)

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from mmrag.retrievers import ConfigError, Hit, KnowledgeBase, KnowledgeBaseError, MultimodalRetriever, Query
+from mmrag.retrievers import ConfigError, Hits, KnowledgeBase, KnowledgeBaseError, MultimodalRetriever, Query
 from mmrag.retrievers.query import QueryLike
 
 from .config import Config, load_config
@@ -47,8 +47,8 @@ class SearchPipeline:
 
     def __call__(self, query: QueryLike, k: int = 10, where: dict | None = None, *, rerank: bool = True,
                  rerank_query: QueryLike | None = None, timings: dict[str, float] | None = None,
-                 **overrides: Any) -> list[Hit]:
-        """``k`` hits for ``query``; ``rerank=False`` skips the reranker, ``rerank_query`` (default
+                 **overrides: Any) -> Hits:
+        """``k`` hits for ``query`` (a list, with ``.collapsed``: near-duplicates left out); ``rerank=False`` skips the reranker, ``rerank_query`` (default
         ``query``) is what the reranker scores against. ``overrides`` change retriever settings
         for this call. Stage seconds are added to ``timings`` ("retrieve", "rerank")."""
         if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
@@ -60,13 +60,14 @@ class SearchPipeline:
         candidates = overrides.get("rerank_candidates", settings.rerank_candidates)
         n = max(k, candidates) if use_reranker else k
         t = time.perf_counter()
-        hits = self.retriever.retrieve(query, k=n, where=where, **overrides)
+        retrieved = self.retriever.retrieve(query, k=n, where=where, **overrides)
         timings["retrieve"] = timings.get("retrieve", 0.0) + time.perf_counter() - t
+        hits = list(retrieved)
         if use_reranker and hits:
             t = time.perf_counter()
             hits = self.reranker.rank(Query.coerce(query if rerank_query is None else rerank_query), hits, top_k=k)
             timings["rerank"] = timings.get("rerank", 0.0) + time.perf_counter() - t
-        return hits[:k]
+        return Hits(hits[:k], requested=k, collapsed=getattr(retrieved, "collapsed", 0))
 
     # the retriever's interface, so that evaluation and adapters take either
     retrieve = __call__

@@ -14,7 +14,7 @@ from .errors import (
     SchemaVersionError,
 )
 from .kb import KnowledgeBase
-from .query import Hit, Query
+from .query import Hit, Hits, Query
 from .kb.records import IngestReport, Record, Rejection
 from .rerank import CrossEncoderReranker, DualEncoderReranker, Reranker, VLMReranker, reranker_from_config
 from .retriever import CHANNELS, MultimodalRetriever, RetrieverSettings
@@ -27,6 +27,7 @@ __all__ = [
     "DualEncoderReranker",
     "EmbedderMismatchError",
     "Hit",
+    "Hits",
     "IngestReport",
     "InvalidItemError",
     "KnowledgeBase",

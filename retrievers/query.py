@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Sequence, Union
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from .errors import ConfigError
+from .errors import ConfigError, InvalidItemError
+from .kb.images import normalise_image
 from .kb.records import Record
 from .kb.sources import IMAGE_EXTENSIONS
 
@@ -23,7 +24,7 @@ class Query:
     """
 
     text: str | None = None
-    image: Image.Image | None = None
+    image: Image.Image | None = None  # before coerce(): also an image path or encoded bytes
     reference_text: str | None = None
 
     @property
@@ -37,7 +38,12 @@ class Query:
     @classmethod
     def coerce(cls, query: "QueryLike") -> "Query":
         """Accept a :class:`Query`, a string (text, or the path of an image file), a
-        :class:`pathlib.Path` or a PIL image; validate and load the image."""
+        :class:`pathlib.Path` or a PIL image; validate and load the image.
+
+        The image (a PIL image, a path or encoded bytes) gets the checks an ingested one gets
+        (:func:`~retrievers.kb.images.normalise_image`: the format allow-list, the pixel and shape
+        limits, mode conversions to 8-bit RGB), so that no query reaches a decoder or an
+        encoder's resize that ingestion would have kept away from it."""
         if isinstance(query, Query):
             q = query
         elif isinstance(query, Image.Image):
@@ -46,7 +52,9 @@ class Query:
             q = cls(image=query)
         elif isinstance(query, str):
             looks_like_image = Path(query).suffix.lower() in IMAGE_EXTENSIONS and "\n" not in query and len(query) < 4096
-            q = cls(image=Path(query)) if looks_like_image and Path(query).is_file() else cls(text=query)
+            # Any existing entry, not only a regular file: a FIFO named x.jpg is refused as an image
+            # rather than searched for as the text "x.jpg".
+            q = cls(image=Path(query)) if looks_like_image and os.path.lexists(query) else cls(text=query)
         else:
             raise ConfigError(
                 f"`query` must be a str, a PIL image, an image path or a Query, got {type(query).__name__}."
@@ -69,19 +77,26 @@ QueryLike = Union[Query, str, os.PathLike, Image.Image]
 
 
 def _load_query_image(image: Any) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image if image.mode == "RGB" else image.convert("RGB")
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
-        if not path.is_file():
+        if not os.path.lexists(path):
             raise ConfigError(f"`query.image` {str(path)!r} does not exist; pass an image file path or a PIL image.")
-        try:
-            with Image.open(path) as im:
-                im.load()
-                return im.convert("RGB")
-        except (UnidentifiedImageError, OSError) as e:
-            raise ConfigError(f"`query.image` {str(path)!r} is not a readable image ({e}).") from None
-    raise ConfigError(f"`query.image` must be a PIL image or a path, got {type(image).__name__}.")
+        shown = repr(str(path))
+    elif isinstance(image, (bytes, bytearray, memoryview)):
+        shown = f"({len(image):,} bytes)"
+    elif isinstance(image, Image.Image):
+        shown = f"(a {image.width}x{image.height} PIL image in mode {image.mode!r})"
+    else:
+        raise ConfigError(f"`query.image` must be a PIL image, an image file path or encoded image bytes, "
+                          f"got {type(image).__name__}.")
+    try:
+        rgb, _ = normalise_image(image)
+    except InvalidItemError as e:
+        raise ConfigError(
+            f"`query.image` {shown} is not a readable image: {e.reason}. Query images are held to the checks "
+            "ingested images pass: give a JPEG, PNG, WebP, GIF, BMP or TIFF picture within those limits."
+        ) from None
+    return rgb
 
 
 @dataclass
@@ -101,3 +116,25 @@ class Hit:
 
     def with_score(self, score: float, rank: int, **extra: float) -> "Hit":
         return replace(self, score=float(score), rank=rank, scores={**self.scores, **extra})
+
+
+class Hits(list):
+    """What ``retrieve()`` returns: a plain ``list`` of :class:`Hit`, plus what the call did.
+
+    Attributes:
+        requested: the ``k`` asked for. ``len(hits) < requested`` only when the KB (or the filter)
+            has fewer distinct records.
+        collapsed: candidates that ranked above the last returned hit and were dropped as
+            near-duplicates of a better one. With MMR, every candidate is walked, so all of them count.
+
+    The numbers live on the returned object, not on the retriever, so concurrent calls cannot
+    overwrite each other's. Slicing gives a plain list.
+    """
+
+    def __init__(self, hits: Sequence[Hit] = (), *, requested: int, collapsed: int = 0):
+        super().__init__(hits)
+        self.requested = requested
+        self.collapsed = collapsed
+
+    def __repr__(self) -> str:
+        return f"Hits({list.__repr__(self)}, requested={self.requested}, collapsed={self.collapsed})"

@@ -1,6 +1,6 @@
 """MultimodalRetriever: channels -> fusion -> post-processing (the rerank stage is the pipelines').
 
-Channels (each over-fetches ``n_candidates`` and reports its own score):
+Channels (each over-fetches ``max(n_candidates, k)`` and reports its own score):
 
 - ``text_to_image`` / ``text_to_text``: the query text's vector against image / text vectors;
 - ``image_to_image`` / ``image_to_text``: the query image's vector against image / text vectors;
@@ -9,6 +9,15 @@ Channels (each over-fetches ``n_candidates`` and reports its own score):
 - ``lexical``: BM25 over record texts.
 
 Dense scores are cosine similarities (Chroma's cosine distance is ``1 - cos``).
+
+Two methods are defined over the whole gallery in their papers: hubness normalisation (QB-Norm,
+DBNorm; ``hubness.py``) and WeiMoCIR's score. With ``scoring_scope="gallery"``, and by default up to
+``EXACT_GALLERY_MAX_RECORDS`` records, they score every stored vector exactly. The vectors are
+fetched once per KB revision. Plain channels always use the ANN index.
+
+``retrieve()`` returns :class:`Hits`, a list that also says how many hits were asked for and how
+many candidates the near-duplicate pass collapsed. When that pass leaves fewer than ``k``, the
+channels fetch geometrically more candidates until ``k`` survive or the gallery runs out.
 """
 
 from __future__ import annotations
@@ -21,12 +30,22 @@ import numpy as np
 
 from .errors import ConfigError
 from .fusion import maximal_marginal_relevance, reciprocal_rank_fusion, weighted_score_fusion
-from .hubness import METHODS as HUBNESS_METHODS, HubnessBanks, normalise as hubness_normalise
+from .hubness import (
+    EXACT_GALLERY_MAX_RECORDS,
+    METHODS as HUBNESS_METHODS,
+    SCOPES,
+    GalleryCache,
+    HubnessBanks,
+    Normaliser,
+    StoredVectors,
+    ann_activation,
+    bank_stats,
+)
 from .kb import KnowledgeBase
 from .lexical import LexicalIndex
-from .query import Hit, Query, QueryLike
+from .query import Hit, Hits, Query, QueryLike
 from .kb.records import Record
-from .kb.store import IMAGE_KEY, decode_metadata
+from .kb.store import decode_record
 
 # channel -> (needs text, needs image)
 CHANNELS: dict[str, tuple[bool, bool]] = {
@@ -39,6 +58,9 @@ CHANNELS: dict[str, tuple[bool, bool]] = {
 }
 FUSIONS = ("rrf", "weighted")
 COMPOSED_METHODS = ("weimocir", "pdv", "cirevl")
+# Most hits one call returns. A reranker takes tens to hundreds and a result page fewer; a k
+# beyond this is a bug, and each channel would fetch k candidates for it.
+MAX_K = 10_000
 
 
 @dataclass
@@ -49,7 +71,7 @@ class RetrieverSettings:
     fusion: str = "rrf"
     rrf_k: int = 60
     weights: dict[str, float] = field(default_factory=dict)  # per channel, default 1.0
-    n_candidates: int = 50  # per channel
+    n_candidates: int = 50  # per channel; raised to k when k is larger
     composed_method: str = "weimocir"
     weimocir_alpha: float = 0.8  # weight of the text in the fused query
     weimocir_beta: float = 0.1  # weight of the text-vector similarity in the score
@@ -59,10 +81,16 @@ class RetrieverSettings:
     pdv_compose: str = "{reference}, {modifier}"  # composed description when no rewriter is injected
     near_duplicate_threshold: float | None = 0.95  # cosine between image vectors; None: keep all
     mmr_lambda: float | None = None  # None: no diversity re-ordering
-    hubness: str | None = None  # "qbnorm" | "dbnorm"
-    hubness_beta: float = 20.0
-    hubness_gallery_beta: float = 20.0
+    hubness: str | None = None  # "qbnorm" (dynamic inverted softmax) | "dbnorm" (dual inverted softmax)
+    # query-bank temperature; None: 20 for qbnorm (qb-norm's code), 1/1.99 for dbnorm (dbnorm.py beta1)
+    hubness_beta: float | None = None
+    hubness_gallery_beta: float | None = None  # dbnorm's gallery-bank temperature; None: 3 (dbnorm.py beta2)
+    # gate by QB-Norm's activation set; None: on for qbnorm (the paper's DIS), off for dbnorm (DualIS, its default)
+    hubness_dynamic: bool | None = None
     hubness_bank_size: int = 2048
+    # hubness and WeiMoCIR: "gallery" scores every stored vector, "candidates" only each channel's
+    # ANN candidates; "auto": gallery up to EXACT_GALLERY_MAX_RECORDS (100_000) records
+    scoring_scope: str = "auto"
     rerank_candidates: int = 30  # fused hits handed to the reranker
 
     def validate(self) -> "RetrieverSettings":
@@ -76,6 +104,14 @@ class RetrieverSettings:
         _choice("composed_method", self.composed_method, COMPOSED_METHODS)
         if self.hubness is not None:
             _choice("hubness", self.hubness, HUBNESS_METHODS)
+        _choice("scoring_scope", self.scoring_scope, SCOPES)
+        for name in ("hubness_beta", "hubness_gallery_beta"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < float("inf")):
+                raise ConfigError(f"`{name}` must be a positive number or None (the method's default), got {v!r}.")
+        if not (self.hubness_dynamic is None or isinstance(self.hubness_dynamic, bool)):
+            raise ConfigError(f"`hubness_dynamic` must be true, false or None (the method's default), "
+                              f"got {self.hubness_dynamic!r}.")
         for name in ("rrf_k", "n_candidates", "rerank_candidates", "hubness_bank_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
@@ -146,7 +182,7 @@ class _Pool:
 
     def record(self, rid: str) -> Record:
         meta, doc = self.meta[rid]
-        return Record(id=rid, text=doc, image=str(self.kb.images.path(meta[IMAGE_KEY])), metadata=decode_metadata(meta))
+        return decode_record(rid, meta, doc, self.kb.images)
 
 
 class MultimodalRetriever:
@@ -172,7 +208,9 @@ class MultimodalRetriever:
         self.rewriter = rewriter
         self.settings = self._merge(RetrieverSettings(), dict(settings, channels=channels, fusion=fusion))
         self._lexical: LexicalIndex | None = None
-        self._banks: HubnessBanks | None = None
+        # per bank size, so that a call's hubness_bank_size override is honoured
+        self._banks: dict[int, HubnessBanks] = {}
+        self._gallery = GalleryCache(kb)  # stored vectors for exact scoring; filled on first use only
 
     @staticmethod
     def _merge(base: RetrieverSettings, overrides: Mapping[str, Any]) -> RetrieverSettings:
@@ -183,14 +221,19 @@ class MultimodalRetriever:
         return dataclasses.replace(base, **overrides).validate()
 
     # ------------------------------------------------------------------ public
-    def retrieve(self, query: QueryLike, k: int = 10, where: dict | None = None, **overrides: Any) -> list[Hit]:
+    def retrieve(self, query: QueryLike, k: int = 10, where: dict | None = None, **overrides: Any) -> Hits:
         """Top-``k`` hits for ``query`` (a str, a PIL image, an image path, or a :class:`Query`).
 
         ``where`` is a Chroma metadata filter; ``overrides`` change any setting for this call.
+        ``k`` is at most :data:`MAX_K`. The result is a :class:`Hits` list; ``hits.collapsed``
+        counts the near-duplicates dropped.
         """
         s = self._merge(self.settings, overrides) if overrides else self.settings
         if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
             raise ConfigError(f"`k` must be a positive integer, got {k!r}.")
+        if k > MAX_K:
+            raise ConfigError(f"`k` must be at most MAX_K = {MAX_K}, got {k!r}: ask for fewer hits, or narrow "
+                              "the query with a `where` filter.")
         q = Query.coerce(query)
         where = validate_where(where)
         channels = self._channels_for(q, s)
@@ -199,30 +242,33 @@ class MultimodalRetriever:
         emb = self.kb.embedder
         tv = emb.embed_texts([q.text])[0] if q.has_text else None
         iv = emb.embed_images([q.image])[0] if q.has_image else None
-        # A single prefix-stable channel (dense or lexical, ranked by RRF, no MMR or hubness)
-        # first fetches only 2k candidates: the near-duplicate walk keeps the same prefix whatever
-        # follows, so if k hits survive it the answer is exactly the full fetch's, at a fraction of
-        # the cost. Otherwise it fetches n_candidates.
+        # Every channel fetches at least k, so that k hits can come back. A single prefix-stable
+        # channel (dense or lexical, ranked by RRF, no MMR or hubness) first fetches only 2k: the
+        # near-duplicate walk keeps the same prefix whatever follows, so if k hits survive it the
+        # answer is exactly the full fetch's, at a fraction of the cost.
+        full = max(s.n_candidates, k)
         prefix_stable = (len(channels) == 1 and channels[0] != "composed" and s.fusion == "rrf"
                          and s.weights.get(channels[0], 1.0) > 0  # a zero weight ties every score
                          and not (channels[0] == "lexical" and where is not None)  # filtered after scoring
                          and s.mmr_lambda is None and s.hubness is None)
-        sizes = [min(2 * k, s.n_candidates), s.n_candidates] if prefix_stable else [s.n_candidates]
-        limit = k
-        for n in dict.fromkeys(sizes):
-            ids, scores, per_channel, exhausted = self._fused(q, tv, iv, channels, s, n, where, pool, limit)
-            if len(ids) >= k or exhausted:
+        n = min(2 * k, full) if prefix_stable else full
+        while True:
+            ids, scores, per_channel, exhausted, collapsed = self._fused(q, tv, iv, channels, s, n, where, pool, k)
+            # near-duplicates (or records deleted meanwhile) ate the candidates: fetch more, doubling,
+            # until k survive, or every channel returned fewer than asked, or n covers the collection
+            if len(ids) >= k or exhausted or n >= self._gallery.count():
                 break
-        hits = [Hit(id=rid, record=pool.record(rid), score=float(sc), rank=r,
-                    scores={c: per_channel[c][rid] for c in channels if rid in per_channel[c]})
-                for r, (rid, sc) in enumerate(zip(ids[:limit], scores[:limit]), start=1)]
-        return hits
+            n = full if n < full else 2 * n
+        return Hits([Hit(id=rid, record=pool.record(rid), score=float(sc), rank=r,
+                         scores={c: per_channel[c][rid] for c in channels if rid in per_channel[c]})
+                     for r, (rid, sc) in enumerate(zip(ids[:k], scores[:k]), start=1)],
+                    requested=k, collapsed=collapsed)
 
     def _fused(self, q: Query, tv, iv, channels: tuple[str, ...], s: RetrieverSettings, n: int, where,
-               pool: _Pool, limit: int) -> tuple[list[str], np.ndarray, dict[str, dict[str, float]], bool]:
+               pool: _Pool, limit: int) -> tuple[list[str], np.ndarray, dict[str, dict[str, float]], bool, int]:
         """Stages 2-4 with ``n`` candidates per channel: the first ``limit`` ids and scores after
-        fusion and post-processing (all of them with MMR), each channel's scores, and whether no
-        channel had more to give."""
+        fusion and post-processing (all of them with MMR), each channel's scores, whether no
+        channel had more to give, and how many candidates the near-duplicate pass dropped."""
         s = dataclasses.replace(s, n_candidates=n)
         # 2. run the channels
         results = {c: self._run_channel(c, q, tv, iv, s, where, pool) for c in channels}
@@ -232,24 +278,30 @@ class MultimodalRetriever:
                  else weighted_score_fusion(results, weights))[:n]
         # 4. post-process: near-duplicate collapse, then optional MMR diversity
         if s.mmr_lambda is None:
-            ids, scores = self._walk(fused, s.near_duplicate_threshold, pool, limit)
+            ids, scores, collapsed = self._walk(fused, s.near_duplicate_threshold, pool, limit)
         else:  # MMR weighs every candidate against the others: walk them all first
-            ids, scores = self._walk(fused, s.near_duplicate_threshold, pool, len(fused))
+            ids, scores, collapsed = self._walk(fused, s.near_duplicate_threshold, pool, len(fused))
             if ids:
                 order = maximal_marginal_relevance(scores, pool.vectors("images", ids), len(ids), s.mmr_lambda)
                 ids, scores = [ids[i] for i in order], scores[order]
         exhausted = all(len(r) < n for r in results.values())
-        return ids, scores, {c: dict(r) for c, r in results.items()}, exhausted
+        return ids, scores, {c: dict(r) for c, r in results.items()}, exhausted, collapsed
 
     @staticmethod
     def _walk(fused: list[tuple[str, float]], threshold: float | None, pool: _Pool,
-              limit: int) -> tuple[list[str], np.ndarray]:
+              limit: int) -> tuple[list[str], np.ndarray, int]:
         """The first ``limit`` fused hits that still exist and are not near-duplicates of a better
-        one. The walk is greedy and best first, so it only looks up (records, image vectors) the
-        prefix it needs, in chunks, instead of every candidate."""
+        one, and how many near-duplicates were dropped on the way. The walk is greedy and best
+        first, so it only looks up (records, image vectors) the prefix it needs, in chunks,
+        instead of every candidate."""
         kept: list[tuple[str, float]] = []
         kept_vecs: list[np.ndarray] = []
+        collapsed = 0
         step = max(2 * limit, 16)
+
+        def result():
+            return [rid for rid, _ in kept], np.array([sc for _, sc in kept]), collapsed
+
         for start in range(0, len(fused), step):
             chunk = fused[start:start + step]
             # records deleted since a channel saw them (the lexical index may lag a writer) drop out
@@ -258,18 +310,33 @@ class MultimodalRetriever:
             vecs = pool.vectors("images", [rid for rid, _ in chunk]) if threshold is not None else [None] * len(chunk)
             for (rid, sc), v in zip(chunk, vecs):
                 if threshold is not None and kept_vecs and float(np.max(np.stack(kept_vecs) @ v)) >= threshold:
+                    collapsed += 1
                     continue
                 kept.append((rid, sc))
                 if threshold is not None:
                     kept_vecs.append(v)
                 if len(kept) >= limit:
-                    return [rid for rid, _ in kept], np.array([sc for _, sc in kept])
-        return [rid for rid, _ in kept], np.array([sc for _, sc in kept])
+                    return result()
+        return result()
 
     def refresh_hubness_banks(self, size: int | None = None, seed: int = 0) -> HubnessBanks:
-        """(Re)sample the hubness banks from the KB now and store them beside it."""
-        self._banks = HubnessBanks.build(self.kb, self.settings.hubness_bank_size if size is None else size, seed)
-        return self._banks
+        """(Re)sample the hubness banks of ``size`` (default: the ``hubness_bank_size`` setting)
+        from the KB now and store them beside it; calls with that bank size use them."""
+        size = self.settings.hubness_bank_size if size is None else size
+        self._banks[size] = HubnessBanks.build(self.kb, size, seed)
+        return self._banks[size]
+
+    def _banks_for(self, size: int) -> HubnessBanks:
+        banks = self._banks.get(size)
+        if banks is None:
+            banks = self._banks[size] = HubnessBanks.load_or_build(self.kb, size)
+        return banks
+
+    def _exact(self, s: RetrieverSettings) -> bool:
+        """Whether whole-gallery methods score every stored vector (see ``scoring_scope``)."""
+        if s.scoring_scope == "auto":
+            return self._gallery.count() <= EXACT_GALLERY_MAX_RECORDS
+        return s.scoring_scope == "gallery"
 
     # ------------------------------------------------------------------ channels
     def _channels_for(self, q: Query, s: RetrieverSettings) -> tuple[str, ...]:
@@ -298,17 +365,69 @@ class MultimodalRetriever:
             "text_to_image": (tv, "images"), "text_to_text": (tv, "texts"),
             "image_to_image": (iv, "images"), "image_to_text": (iv, "texts"),
         }[c]
-        hits = self._dense(query_vec, collection, n, where, pool)
-        if s.hubness is not None and hits:
-            ids = [i for i, _ in hits]
-            if self._banks is None:
-                self._banks = HubnessBanks.load_or_build(self.kb, s.hubness_bank_size)
-            new = hubness_normalise(s.hubness, np.array([sc for _, sc in hits]), ids, pool.vectors(collection, ids),
-                                    self._banks, query="text" if c.startswith("text") else "image",
-                                    gallery="image" if collection == "images" else "text",
-                                    beta=s.hubness_beta, gallery_beta=s.hubness_gallery_beta)
-            hits = sorted(zip(ids, new.tolist()), key=lambda t: (-t[1], t[0]))
-        return hits
+        if s.hubness is None:
+            return self._dense(query_vec, collection, n, where, pool)
+        norm = Normaliser.resolve(s.hubness, query="text" if c.startswith("text") else "image",
+                                  gallery="image" if collection == "images" else "text", beta=s.hubness_beta,
+                                  gallery_beta=s.hubness_gallery_beta, dynamic=s.hubness_dynamic)
+        if self._exact(s):
+            return self._hubness_gallery(norm, s.hubness_bank_size, query_vec, collection, n, where, pool)
+        return self._hubness_candidates(norm, s.hubness_bank_size, query_vec, collection, n, where, pool)
+
+    def _hubness_gallery(self, norm: Normaliser, bank_size: int, vec: np.ndarray, collection: str, n: int,
+                         where, pool: _Pool) -> list[tuple[str, float]]:
+        """QB-Norm / DBNorm as the papers define them: every gallery item normalised. ``log Z`` and
+        the activation set come from the whole gallery, and the DIS gate from the query's top-1
+        over it. A ``where`` filter only restricts which items are returned."""
+        gal = self._gallery.vectors(collection)
+        if not len(gal.ids):
+            return []  # an empty KB has no banks to sample
+        banks = self._banks_for(bank_size)
+        stats = [self._gallery.get(("hubness", collection, m, beta, banks.token),
+                                   lambda m=m, beta=beta: bank_stats(banks.vectors[m], banks.ids[m], gal, beta))
+                 for m, beta in norm.factors]
+        scores = norm.gallery_scores((gal.vecs @ vec).astype(np.float64), stats)  # (N,)
+        return self._top_of_gallery(gal, scores, n, where, collection, pool)
+
+    def _hubness_candidates(self, norm: Normaliser, bank_size: int, vec: np.ndarray, collection: str, n: int,
+                            where, pool: _Pool) -> list[tuple[str, float]]:
+        """The approximation for large KBs: only the ANN candidates rescored."""
+        hits = self._dense(vec, collection, n, where, pool)
+        if not hits:
+            return hits
+        banks = self._banks_for(bank_size)
+        ids = [i for i, _ in hits]
+        on = [True] * len(norm.factors)
+        if norm.dynamic:
+            col = self.kb.vectors.images if collection == "images" else self.kb.vectors.texts
+            # the gate looks at the query's top-1 in the whole gallery, as in exact scope
+            top1 = ids[0] if where is None else col.query(query_embeddings=[vec], n_results=1, include=[])["ids"][0][0]
+            on = [top1 in self._gallery.get(("activation", collection, m, banks.token),
+                                            lambda m=m: ann_activation(col, banks.vectors[m], banks.ids[m]))
+                  for m, _ in norm.factors]
+        new = norm.candidate_scores(np.array([sc for _, sc in hits]), ids, pool.vectors(collection, ids), banks, on)
+        return sorted(zip(ids, new.tolist()), key=lambda t: (-t[1], t[0]))
+
+    def _top_of_gallery(self, gal: StoredVectors, scores: np.ndarray, n: int, where, collection: str,
+                        pool: _Pool) -> list[tuple[str, float]]:
+        """The best ``n`` of exact scores over every stored record (``-inf``: excluded), ordered like
+        the other channels (score, then id). Their image vectors go into the pool, so the
+        near-duplicate walk does not fetch them again."""
+        if where is not None:
+            col = self.kb.vectors.images if collection == "images" else self.kb.vectors.texts
+            allowed = np.zeros(len(gal.ids), bool)
+            allowed[[gal.row[i] for i in col.get(where=where, include=[])["ids"] if i in gal.row]] = True
+            scores = np.where(allowed, scores, -np.inf)
+        n = min(n, int(np.isfinite(scores).sum()))
+        if n == 0:
+            return []
+        # every row tied with the n-th best, then the (score, id) order picks among the ties
+        kth = np.partition(scores, len(scores) - n)[len(scores) - n]
+        top = np.flatnonzero(scores >= kth)
+        top = top[np.lexsort((gal.ids[top], -scores[top]))][:n]
+        if collection == "images":
+            pool.vecs["images"].update(zip(gal.ids[top].tolist(), gal.vecs[top]))
+        return list(zip(gal.ids[top].tolist(), scores[top].tolist()))
 
     def _dense(self, vec: np.ndarray, collection: str, n: int, where, pool: _Pool) -> list[tuple[str, float]]:
         col = self.kb.vectors.images if collection == "images" else self.kb.vectors.texts
@@ -323,6 +442,16 @@ class MultimodalRetriever:
         if s.composed_method == "weimocir":
             # WeiMoCIR: q = N((1-a) v + a t); score = (1-b) cos(q, image) + b cos(q, text)
             fused = _unit((1 - s.weimocir_alpha) * iv + s.weimocir_alpha * tv)
+            if self._exact(s):  # the paper scores the whole gallery
+                images, texts = self._gallery.vectors("images"), self._gallery.vectors("texts")
+                rows = self._gallery.rows_of("images", "texts")  # (N,) each image's text row
+                paired = rows >= 0  # False only for a record a concurrent writer has half-written
+                text_sims = np.zeros(len(rows))
+                text_sims[paired] = (texts.vecs @ fused).astype(np.float64)[rows[paired]]
+                score = (1 - s.weimocir_beta) * (images.vecs @ fused).astype(np.float64) + s.weimocir_beta * text_sims
+                score[~paired] = -np.inf
+                return self._top_of_gallery(images, score, n, where, "images", pool)
+            # candidates: the union of both ANN lists (misses items strong on neither alone)
             cand = dict(self._dense(fused, "images", n, where, pool))
             cand.update(self._dense(fused, "texts", n, where, pool))
             ids = sorted(cand)

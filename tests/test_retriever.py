@@ -37,6 +37,13 @@ def kb(tmp_path_factory, tiny_clip) -> KnowledgeBase:
         records.append(Record(id=f"r{i:03d}", text=text, image=_image(rng),
                               metadata={"group": int(i % 4), "kind": ["dog", "cat", "car"][i % 3]}))
     assert kb.add(records).added == N
+    # HNSW is exact by construction here: with ef_search >= the number of records, hnswlib's search
+    # never prunes its candidate list and expands every record reachable from the entry point
+    # (chroma-core/hnswlib searchBaseLayerST), so brute force is the reference, not a recall bound.
+    names = json.loads((kb.path / "mmrag-kb.json").read_text())["collections"]
+    raw = chromadb.PersistentClient(path=str(kb.path / "chroma"), settings=Settings(anonymized_telemetry=False))
+    assert all(raw.get_collection(n, embedding_function=None).configuration["hnsw"]["ef_search"] >= N
+               for n in names.values())
     return kb
 
 
@@ -64,6 +71,41 @@ def topk(ids, scores, k):
     return [ids[i] for i in order], [scores[i] for i in order]
 
 
+# Chroma's float32 cosine scores vs numpy's float64 ones from the stored vectors: at most 3.1e-7
+# apart (every dense channel here, the embedder on AVX-512 and AVX2 kernels). Some records' exact
+# scores are within a few times that of each other (7.9e-7 on the 2k KB, 4.5e-7 in the RRF test's
+# image ranking), so float32 may order them either way on another CPU. Scores within TIE_TOL (30x
+# the noise) count as tied.
+TIE_TOL = 1e-5
+
+
+def assert_top_k(got: list[str], exact: dict[str, float], k: int, tol: float = TIE_TOL) -> None:
+    """``got`` is a best-first top-``k`` of ``exact`` (id -> exact score), ties handled: its i-th id
+    has the i-th best exact score, within ``tol``. Where no two scores are that close, this is
+    ``got == the exact top-k``; a record that does not belong, a missing one or a wrong order fails."""
+    best = sorted(exact.values(), reverse=True)[:k]
+    assert len(got) == len(best) and len(set(got)) == len(got), got
+    wrong = [(rank, rid, exact.get(rid), want) for rank, (rid, want) in enumerate(zip(got, best), start=1)
+             if rid not in exact or abs(exact[rid] - want) > tol]
+    assert not wrong, f"not the exact top-{k}; (rank, id, its exact score, the rank's exact score): {wrong}"
+
+
+def exact_scores(stored, gallery: str, vec, mask=None) -> dict[str, float]:
+    """Brute force: every stored record's cosine with ``vec`` (the vectors are unit length)."""
+    ids, vectors = stored["ids"], stored[gallery]
+    if mask is not None:
+        ids, vectors = ids[mask], vectors[mask]
+    return dict(zip(ids.tolist(), (vectors @ vec).tolist()))
+
+
+def chroma_ranking(kb, gallery: str, vec, n: int) -> list[str]:
+    """The ids Chroma itself returns for ``vec``, best first, through a plain client."""
+    names = json.loads((kb.path / "mmrag-kb.json").read_text())["collections"]
+    raw = chromadb.PersistentClient(path=str(kb.path / "chroma"), settings=Settings(anonymized_telemetry=False))
+    col = raw.get_collection(names[gallery], embedding_function=None)
+    return col.query(query_embeddings=[vec], n_results=n, include=["distances"])["ids"][0]
+
+
 def unit(v):
     return v / np.linalg.norm(v)
 
@@ -80,30 +122,34 @@ def test_each_dense_channel_equals_brute_force(kb, stored, channel, modality, ga
     query_image = Record(text="", image=str(kb.get("r005")[0].image)).open_image()
     q = "a striped red star" if modality == "text" else query_image
     qv = kb.embedder.embed_texts([q])[0] if modality == "text" else kb.embedder.embed_images([q])[0]
-    ref_ids, ref_scores = topk(list(stored["ids"]), list(stored[gallery] @ qv), 10)
+    exact = exact_scores(stored, gallery, qv)
     hits = r.retrieve(q, k=10, fusion="weighted")
-    assert [h.id for h in hits] == ref_ids
-    np.testing.assert_allclose([h.scores[channel] for h in hits], ref_scores, atol=1e-4)
+    assert_top_k([h.id for h in hits], exact, 10)
+    np.testing.assert_allclose([h.scores[channel] for h in hits], [exact[h.id] for h in hits], atol=1e-4)
     assert [h.rank for h in hits] == list(range(1, 11))
-    assert hits[0].record.text == stored["docs"][list(stored["ids"]).index(ref_ids[0])]
+    assert hits[0].record.text == stored["docs"][list(stored["ids"]).index(hits[0].id)]
 
 
 def test_rrf_equals_formula_over_channel_rankings(kb, stored):
     q = "a dotted green circle"
     tv = kb.embedder.embed_texts([q])[0]
     n = 30
-    rankings = {c: topk(list(stored["ids"]), list(stored[g] @ tv), n)[0]
-                for c, g in (("text_to_image", "images"), ("text_to_text", "texts"))}
+    # The channel rankings are Chroma's own, each checked to be the exact one up to ties: where two
+    # scores are closer than float32 noise, a brute-force ranking may order them otherwise (their
+    # RRF scores then differ by 2.6e-4, enough to reorder the fused list).
+    rankings = {}
+    for c, g in (("text_to_image", "images"), ("text_to_text", "texts")):
+        rankings[c] = chroma_ranking(kb, g, tv, n)
+        assert_top_k(rankings[c], exact_scores(stored, g, tv), n)
     fused: dict[str, float] = {}
     for c, ranked in rankings.items():
         w = 2.0 if c == "text_to_text" else 1.0
         for rank, rid in enumerate(ranked, start=1):
             fused[rid] = fused.get(rid, 0.0) + w / (60 + rank)
-    ref_ids, ref_scores = topk(list(fused), list(fused.values()), 10)
     hits = MultimodalRetriever(kb, channels=["text_to_image", "text_to_text"], near_duplicate_threshold=None,
                                n_candidates=n, weights={"text_to_text": 2.0}).retrieve(q, k=10)
-    assert [h.id for h in hits] == ref_ids
-    np.testing.assert_allclose([h.score for h in hits], ref_scores, rtol=1e-9)
+    assert_top_k([h.id for h in hits], fused, 10, tol=1e-12)  # equal RRF sums are real ties
+    np.testing.assert_allclose([h.score for h in hits], [fused[h.id] for h in hits], rtol=1e-9)
 
 
 def test_weighted_fusion_equals_minmax_formula(kb, stored):
@@ -111,15 +157,17 @@ def test_weighted_fusion_equals_minmax_formula(kb, stored):
     tv = kb.embedder.embed_texts([q])[0]
     fused: dict[str, float] = {}
     for g in ("images", "texts"):
-        ids, s = topk(list(stored["ids"]), list(stored[g] @ tv), 25)
-        s = np.array(s)
+        exact = exact_scores(stored, g, tv)
+        ids = chroma_ranking(kb, g, tv, 25)  # Chroma's candidates: the exact top-25 up to ties
+        assert_top_k(ids, exact, 25)
+        s = np.array([exact[i] for i in ids])
         for rid, v in zip(ids, (s - s.min()) / (s.max() - s.min())):
             fused[rid] = fused.get(rid, 0.0) + v
-    ref_ids, ref_scores = topk(list(fused), list(fused.values()), 10)
     hits = MultimodalRetriever(kb, channels=["text_to_image", "text_to_text"], fusion="weighted",
                                near_duplicate_threshold=None, n_candidates=25).retrieve(q, k=10)
-    assert [h.id for h in hits] == ref_ids
-    np.testing.assert_allclose([h.score for h in hits], ref_scores, atol=1e-4)
+    # min-max scaling divides the float32 noise by the score range: fused scores measured 5.6e-6 apart
+    assert_top_k([h.id for h in hits], fused, 10, tol=1e-4)
+    np.testing.assert_allclose([h.score for h in hits], [fused[h.id] for h in hits], atol=1e-4)
 
 
 def _query_image(kb):
@@ -131,11 +179,10 @@ def test_weimocir_equals_formula(kb, stored):
     v, t = kb.embedder.embed_images([image])[0], kb.embedder.embed_texts([text])[0]
     a, b = 0.8, 0.1
     q = unit((1 - a) * v + a * t)
-    ref = (1 - b) * (stored["images"] @ q) + b * (stored["texts"] @ q)
-    ref_ids, ref_scores = topk(list(stored["ids"]), list(ref), 10)
+    ref = dict(zip(stored["ids"].tolist(), ((1 - b) * (stored["images"] @ q) + b * (stored["texts"] @ q)).tolist()))
     hits = MultimodalRetriever(kb, channels=["composed"], **EXACT).retrieve(Query(text=text, image=image), k=10)
-    assert [h.id for h in hits] == ref_ids
-    np.testing.assert_allclose([h.scores["composed"] for h in hits], ref_scores, atol=1e-4)
+    assert_top_k([h.id for h in hits], ref, 10)
+    np.testing.assert_allclose([h.scores["composed"] for h in hits], [ref[h.id] for h in hits], atol=1e-4)
 
 
 def test_pdv_equals_formula_with_reference_text(kb, stored):
@@ -146,11 +193,11 @@ def test_pdv_equals_formula_with_reference_text(kb, stored):
     d = t_comp - t_ref
     aI, aT, b = 1.0, 1.0, 0.7
     q = unit((1 - b) * (v + aI * d) + b * (t_ref + aT * d))
-    ref_ids, ref_scores = topk(list(stored["ids"]), list(stored["images"] @ q), 10)
+    ref = exact_scores(stored, "images", q)
     hits = MultimodalRetriever(kb, channels=["composed"], composed_method="pdv", **EXACT).retrieve(
         Query(text=text, image=image, reference_text=ref_text), k=10)
-    assert [h.id for h in hits] == ref_ids
-    np.testing.assert_allclose([h.scores["composed"] for h in hits], ref_scores, atol=1e-4)
+    assert_top_k([h.id for h in hits], ref, 10)
+    np.testing.assert_allclose([h.scores["composed"] for h in hits], [ref[h.id] for h in hits], atol=1e-4)
     # without a description and without a captioner, PDV says what it needs
     with pytest.raises(ConfigError, match="reference_text"):
         MultimodalRetriever(kb, channels=["composed"], composed_method="pdv").retrieve(Query(text=text, image=image))
@@ -164,7 +211,7 @@ def test_cirevl_uses_injected_captioner_and_rewriter(kb, stored):
                             rewriter=rewriter, **EXACT)
     hits = r.retrieve(Query(text="in blue", image=_query_image(kb)), k=5)
     q = kb.embedder.embed_texts(["a blue square in blue"])[0]
-    assert [h.id for h in hits] == topk(list(stored["ids"]), list(stored["images"] @ q), 5)[0]
+    assert_top_k([h.id for h in hits], exact_scores(stored, "images", q), 5)
     assert calls == [(32, 32)]
 
 
@@ -201,10 +248,8 @@ def test_where_filters_match_numpy_on_the_subset(kb, stored):
     tv = kb.embedder.embed_texts([q])[0]
     where = {"$and": [{"group": {"$in": [1, 3]}}, {"kind": "cat"}]}
     mask = [m["group"] in (1, 3) and m["kind"] == "cat" for m in stored["metas"]]
-    ids = [i for i, ok in zip(stored["ids"], mask) if ok]
-    ref_ids, _ = topk(ids, list(stored["images"][mask] @ tv), 8)
     hits = MultimodalRetriever(kb, channels=["text_to_image"], **EXACT).retrieve(q, k=8, where=where)
-    assert [h.id for h in hits] == ref_ids
+    assert_top_k([h.id for h in hits], exact_scores(stored, "images", tv, np.array(mask)), 8)
     lex = MultimodalRetriever(kb, channels=["lexical"]).retrieve("star", k=50, where=where)
     assert lex and all(h.record.metadata["kind"] == "cat" and h.record.metadata["group"] in (1, 3) for h in lex)
     with pytest.raises(ConfigError, match=r"`where`.*\$regexx"):
@@ -228,14 +273,20 @@ def test_near_duplicates_collapse_to_the_better_copy(tmp_path, tiny_clip):
 def test_mmr_equals_greedy_formula(kb, stored):
     q = "red star"
     tv = kb.embedder.embed_texts([q])[0]
-    ids, rel = topk(list(stored["ids"]), list(stored["images"] @ tv), 20)
+    ids, rel = topk(list(stored["ids"]), list(stored["images"] @ tv), 21)
+    # No near-ties for float32 to break otherwise: the 20 candidates stand 1.9e-4 clear of the 21st,
+    # and each greedy choice wins by at least 4.4e-3 (measured), both far above TIE_TOL.
+    assert rel[19] - rel[20] > TIE_TOL
+    ids, rel = ids[:20], rel[:20]
     vecs = stored["images"][[list(stored["ids"]).index(i) for i in ids]]
     rel = (np.array(rel) - min(rel)) / (max(rel) - min(rel))
     chosen: list[int] = []
     for _ in range(5):
-        best = max((i for i in range(20) if i not in chosen),
-                   key=lambda i: 0.5 * rel[i] - 0.5 * (max(vecs[i] @ vecs[j] for j in chosen) if chosen else 0.0))
-        chosen.append(best)
+        gain = {i: 0.5 * rel[i] - 0.5 * (max(vecs[i] @ vecs[j] for j in chosen) if chosen else 0.0)
+                for i in range(20) if i not in chosen}
+        best, runner_up = sorted(gain.values(), reverse=True)[:2]
+        assert best - runner_up > TIE_TOL
+        chosen.append(max(gain, key=gain.get))
     hits = MultimodalRetriever(kb, channels=["text_to_image"], fusion="weighted", near_duplicate_threshold=None,
                                n_candidates=20, mmr_lambda=0.5).retrieve(q, k=5)
     assert [h.id for h in hits] == [ids[i] for i in chosen]
@@ -243,7 +294,10 @@ def test_mmr_equals_greedy_formula(kb, stored):
 
 @pytest.mark.parametrize("method", ["qbnorm", "dbnorm"])
 def test_hubness_normalisation_equals_formula(kb, stored, method):
-    r = MultimodalRetriever(kb, channels=["text_to_image"], hubness=method, hubness_bank_size=64, **EXACT)
+    # the static (ungated) forms at beta = 20 for both banks; the method defaults (dynamic QB-Norm,
+    # DBNorm's 1/1.99 and 3) are checked in test_retrieval_exact.py
+    static = dict(hubness_beta=20.0, hubness_gallery_beta=20.0, hubness_dynamic=False)
+    r = MultimodalRetriever(kb, channels=["text_to_image"], hubness=method, hubness_bank_size=64, **static, **EXACT)
     banks = r.refresh_hubness_banks()
     assert (kb.path / "hubness-banks.npz").exists() and len(banks.ids["text"]) == 64
     q = "dotted blue circle"
@@ -259,26 +313,50 @@ def test_hubness_normalisation_equals_formula(kb, stored, method):
             gb = [beta * (h @ g) for h, hid in zip(banks.vectors["image"], banks.ids["image"]) if hid != rid]
             val += beta * s[i] - np.logaddexp.reduce(gb)
         scores.append(val)
-    ref_ids, ref_scores = topk(list(stored["ids"]), scores, 10)
+    ref = dict(zip(stored["ids"].tolist(), scores))
     hits = r.retrieve(q, k=10, fusion="weighted")
-    assert [h.id for h in hits] == ref_ids
-    np.testing.assert_allclose([h.scores["text_to_image"] for h in hits], ref_scores, rtol=1e-4)
+    assert_top_k([h.id for h in hits], ref, 10, tol=1e-4)  # normalised scores: measured 1.1e-6 apart
+    np.testing.assert_allclose([h.scores["text_to_image"] for h in hits], [ref[h.id] for h in hits], rtol=1e-4)
     # reloaded from disk by a new retriever: same banks; another bank size resamples them
-    again = MultimodalRetriever(kb, channels=["text_to_image"], hubness=method, hubness_bank_size=64, **EXACT)
-    assert [h.id for h in again.retrieve(q, k=10, fusion="weighted")] == ref_ids
+    again = MultimodalRetriever(kb, channels=["text_to_image"], hubness=method, hubness_bank_size=64, **static,
+                                **EXACT)
+    assert_top_k([h.id for h in again.retrieve(q, k=10, fusion="weighted")], ref, 10, tol=1e-4)
     MultimodalRetriever(kb, channels=["text_to_image"], hubness=method, hubness_bank_size=32).retrieve(q, k=1)
     from mmrag.retrievers.hubness import HubnessBanks
 
     assert len(HubnessBanks.load_or_build(kb, size=32).ids["text"]) == 32
 
 
-def test_default_channels_follow_the_query(kb):
-    r = MultimodalRetriever(kb)
-    assert set(r.retrieve("red star", k=3)[0].scores) <= {"text_to_image", "text_to_text", "lexical"}
-    both = r.retrieve(Query(text="red", image=_query_image(kb)), k=50)
-    assert {"composed", "image_to_image", "text_to_image"} <= set().union(*(h.scores for h in both))
-    img_path = kb.get("r001")[0].image
-    assert set().union(*(h.scores for h in r.retrieve(img_path, k=5))) <= {"image_to_image", "image_to_text"}
+@pytest.mark.parametrize("query, expected", [
+    ("red star", {"text_to_image", "text_to_text", "lexical"}),
+    ("image and text", {"text_to_image", "text_to_text", "image_to_image", "image_to_text", "composed", "lexical"}),
+    ("image", {"image_to_image", "image_to_text"}),
+])
+def test_default_channels_follow_the_query(kb, query, expected):
+    """Without `channels`, exactly the channels the query allows run, each contributes every
+    candidate it finds when run alone, and every hit's score is the RRF sum (k=60) over the
+    channels that found it."""
+    if query == "image and text":
+        query = Query(text="red", image=_query_image(kb))
+    elif query == "image":
+        query = kb.get("r001")[0].image
+    # every record a candidate and k past them all: the fused list comes back whole
+    r = MultimodalRetriever(kb, near_duplicate_threshold=None, n_candidates=N)
+    hits = r.retrieve(query, k=N)
+    assert set().union(*(h.scores for h in hits)) == expected
+    for c in expected:
+        alone = {h.id: h.scores[c] for h in r.retrieve(query, k=N, channels=[c])}
+        fused = {h.id: h.scores[c] for h in hits if c in h.scores}
+        assert fused.keys() == alone.keys(), c
+        np.testing.assert_allclose([fused[i] for i in alone], list(alone.values()), rtol=0, atol=1e-6)
+    per_channel = {c: [h.scores[c] for h in hits if c in h.scores] for c in expected}
+    for h in hits:  # ranks from each channel's own scores; a tied score may take any rank of its tie
+        low = high = 0.0
+        for c, score in h.scores.items():
+            better, tied = sum(x > score for x in per_channel[c]), sum(x == score for x in per_channel[c])
+            low, high = low + 1 / (60 + better + tied), high + 1 / (60 + better + 1)
+        assert low - 1e-12 <= h.score <= high + 1e-12, (h.id, h.scores, h.score)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -310,6 +388,7 @@ def test_unreadable_image_and_reranker_contract(kb, tmp_path):
         SearchPipeline(MultimodalRetriever(kb), reranker=object())
 
 
+@pytest.mark.slow
 def test_hnsw_recall_at_10_on_20k_records(tmp_path, tiny_clip):
     """20k records written straight into the KB's collections (synthetic unit vectors), queried
     through retrieve(): HNSW top-10 vs exact numpy top-10."""
@@ -320,7 +399,7 @@ def test_hnsw_recall_at_10_on_20k_records(tmp_path, tiny_clip):
     vecs = rng.normal(size=(n, d)).astype(np.float32)
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
     ids = [f"s{i:05d}" for i in range(n)]
-    metas = [{"mmrag_image": "00/none.png", "mmrag_sha256": "0" * 64, "mmrag_source": "synthetic"}] * n
+    metas = [{"mmrag_image": "00/" + "0" * 64 + ".png", "mmrag_sha256": "0" * 64, "mmrag_source": "synthetic"}] * n
     kb.vectors.write(ids, vecs, vecs, metas, [f"synthetic {i}" for i in range(n)], upsert=False)
     r = MultimodalRetriever(kb, channels=["text_to_image"], near_duplicate_threshold=None)
     queries = [f"query number {i} {w}" for i, w in enumerate(rng.choice(WORDS, 50))]
@@ -333,8 +412,12 @@ def test_hnsw_recall_at_10_on_20k_records(tmp_path, tiny_clip):
 
 
 def test_done_when_text_to_image_top10_equals_exact_search_on_2k_records(tmp_path, tiny_clip):
-    """Issue #3's acceptance: a 2k-record tiny KB, channels=["text_to_image"], top-10 == exact numpy."""
-    kb = KnowledgeBase.open(tmp_path / "kb", DualEncoder(tiny_clip))
+    """Issue #3's acceptance: a 2k-record tiny KB, channels=["text_to_image"], top-10 == exact numpy.
+
+    ef_search >= 2000 makes HNSW exact by construction (see the `kb` fixture); at the default 400 it
+    is approximate, and its graph depends on the insertion threads. The default's recall is the 20k
+    test's subject (slow)."""
+    kb = KnowledgeBase.open(tmp_path / "kb", DualEncoder(tiny_clip), hnsw={"ef_search": 2048})
     rng = np.random.default_rng(5)
     assert kb.add([Record(text=f"record {i} " + " ".join(rng.choice(WORDS, 3)), image=_image(rng))
                    for i in range(2000)], batch_size=256).added == 2000
@@ -344,8 +427,8 @@ def test_done_when_text_to_image_top10_equals_exact_search_on_2k_records(tmp_pat
     ids, vecs = got["ids"], np.asarray(got["embeddings"])
     r = MultimodalRetriever(kb, channels=["text_to_image"], near_duplicate_threshold=None)
     for q in ("a red star", "huge old dotted square", "record 7"):
-        exact, _ = topk(ids, list(vecs @ kb.embedder.embed_texts([q])[0]), 10)
-        assert [h.id for h in r.retrieve(q, k=10)] == exact
+        exact = dict(zip(ids, (vecs @ kb.embedder.embed_texts([q])[0]).tolist()))
+        assert_top_k([h.id for h in r.retrieve(q, k=10)], exact, 10)  # two of these scores are 7.9e-7 apart
 
 
 def test_single_channel_short_fetch_equals_full_walk_when_duplicates_spill_over(tmp_path, tiny_clip):
