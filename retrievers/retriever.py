@@ -176,7 +176,15 @@ class _Pool:
             col = self.kb.vectors.images if collection == "images" else self.kb.vectors.texts
             self.absorb(collection, col.get(ids=missing, include=["embeddings", "metadatas", "documents"]))
 
+    def present(self, collection: str, ids: Sequence[str]) -> list[str]:
+        """``ids`` that ``collection`` holds, in order. A concurrent writer adds a record to the image
+        collection before the text one (and a delete may leave it in one for a moment): such a
+        half-written record is skipped by what needs both, never a KeyError."""
+        self.fetch(ids, collection)
+        return [i for i in ids if i in self.vecs[collection]]
+
     def vectors(self, collection: str, ids: Sequence[str]) -> np.ndarray:
+        """Stored vectors of ``ids``, which must be :meth:`present` in ``collection``."""
         self.fetch(ids, collection)
         return np.stack([self.vecs[collection][i] for i in ids]) if ids else np.zeros((0, self.kb.dim), np.float32)
 
@@ -281,6 +289,9 @@ class MultimodalRetriever:
             ids, scores, collapsed = self._walk(fused, s.near_duplicate_threshold, pool, limit)
         else:  # MMR weighs every candidate against the others: walk them all first
             ids, scores, collapsed = self._walk(fused, s.near_duplicate_threshold, pool, len(fused))
+            keep = set(pool.present("images", ids))  # MMR compares image vectors
+            mask = np.array([i in keep for i in ids], dtype=bool)
+            ids, scores = [i for i, m in zip(ids, mask) if m], scores[mask]
             if ids:
                 order = maximal_marginal_relevance(scores, pool.vectors("images", ids), len(ids), s.mmr_lambda)
                 ids, scores = [ids[i] for i in order], scores[order]
@@ -307,6 +318,9 @@ class MultimodalRetriever:
             # records deleted since a channel saw them (the lexical index may lag a writer) drop out
             pool.fetch([rid for rid, _ in chunk if rid not in pool.meta])
             chunk = [(rid, sc) for rid, sc in chunk if rid in pool.meta]
+            if threshold is not None:  # compares image vectors: a record not (or no longer) in that collection drops out
+                present = set(pool.present("images", [rid for rid, _ in chunk]))
+                chunk = [(rid, sc) for rid, sc in chunk if rid in present]
             vecs = pool.vectors("images", [rid for rid, _ in chunk]) if threshold is not None else [None] * len(chunk)
             for (rid, sc), v in zip(chunk, vecs):
                 if threshold is not None and kept_vecs and float(np.max(np.stack(kept_vecs) @ v)) >= threshold:
@@ -454,7 +468,7 @@ class MultimodalRetriever:
             # candidates: the union of both ANN lists (misses items strong on neither alone)
             cand = dict(self._dense(fused, "images", n, where, pool))
             cand.update(self._dense(fused, "texts", n, where, pool))
-            ids = sorted(cand)
+            ids = pool.present("texts", pool.present("images", sorted(cand)))  # both halves written
             sims_i = pool.vectors("images", ids) @ fused
             sims_t = pool.vectors("texts", ids) @ fused
             score = (1 - s.weimocir_beta) * sims_i + s.weimocir_beta * sims_t

@@ -1,0 +1,52 @@
+"""Half-written records are invisible, not fatal: a record a concurrent writer has put in one
+collection but not yet the other (writes go images first, then texts) never breaks a query."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmrag.retrievers import MultimodalRetriever, Query, Record
+
+SETTINGS = [
+    dict(channels=["composed"], composed_method="weimocir", scoring_scope="candidates"),
+    dict(channels=["composed"], composed_method="weimocir", scoring_scope="gallery"),
+    dict(channels=["image_to_image", "image_to_text", "text_to_image"], mmr_lambda=0.5),
+    dict(channels=["text_to_text", "text_to_image"]),
+    dict(channels=["image_to_image"], near_duplicate_threshold=0.99),
+    dict(channels=["text_to_text", "image_to_text"], near_duplicate_threshold=0.99),
+    dict(channels=["text_to_text"], mmr_lambda=0.5),
+    dict(channels=["text_to_image", "lexical"], hubness="qbnorm"),
+]
+
+
+@pytest.fixture
+def half_written_kb(kb):
+    kb.add([Record(id=f"r{i}", text=f"a thing number {i}", image=Image.new("RGB", (24, 24), (30 * i, 90, 200 - 20 * i)))
+            for i in range(8)])
+    # what a writer killed (or still running) between the two collection writes leaves: the record
+    # in the image collection only, with the closest possible vector to the queries below
+    stored = kb.vectors.images.get(ids=["r0"], include=["embeddings", "metadatas", "documents"])
+    kb.vectors.images.add(ids=["half"], embeddings=[np.asarray(stored["embeddings"][0])],
+                          metadatas=stored["metadatas"], documents=["a thing number 0, half written"])
+    # and what a delete interrupted between the two collections leaves: the text half only
+    text = kb.vectors.texts.get(ids=["r1"], include=["embeddings", "metadatas", "documents"])
+    kb.vectors.texts.add(ids=["text-only"], embeddings=[np.asarray(text["embeddings"][0])],
+                         metadatas=text["metadatas"], documents=["a thing number 0"])
+    return kb
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+def test_queries_skip_or_complete_a_half_written_record(half_written_kb, settings):
+    image = half_written_kb.get("r0")[0].open_image()
+    retriever = MultimodalRetriever(half_written_kb, **{"near_duplicate_threshold": None, **settings})
+    query = Query(text="a thing number 0", image=image)
+    needs = {"composed": (True, True), "image_to_image": (False, True), "image_to_text": (False, True)}
+    q = query if any(needs.get(c, (True, False))[1] for c in settings["channels"]) else Query(text=query.text)
+    hits = retriever.retrieve(q, k=5)  # no KeyError
+    assert len(hits) == 5 and len({h.id for h in hits}) == 5
+    for h in hits:  # whatever is returned is a whole record, with its text and image
+        assert h.record.text and h.record.open_image().size == (24, 24)
+    if settings["channels"] == ["composed"]:  # the composed score needs both halves: skipped
+        assert "half" not in {h.id for h in hits}
