@@ -21,7 +21,10 @@ from chromadb.config import Settings
 from mmrag.retrievers import KnowledgeBase
 from tests.corpus import make_bad_corpus, make_good_images
 
-# Opens the KB (which repairs what a killed writer left), reports the raw state, then ingests.
+# Opens the KB (which repairs what a killed writer left), reports the raw state, then ingests. With
+# "step", after each batch (the public progress callback) it reports the ids stored so far, read
+# with the plain client, and waits for the test's go-ahead: the test places its kill by progress,
+# not by a clock.
 INGEST = textwrap.dedent("""
     import json, sys
     import chromadb
@@ -33,14 +36,18 @@ INGEST = textwrap.dedent("""
     ids = {k: sorted(raw.get_collection(n, embedding_function=None).get(include=[])["ids"]) for k, n in names.items()}
     print("opened", json.dumps({"images": ids["images"], "texts": ids["texts"],
           "journal": (kb.path / "journal.json").exists()}), flush=True)
-    report = kb.ingest(sys.argv[3], batch_size=4)
+    images = raw.get_collection(names["images"], embedding_function=None)
+    def step(items_done):
+        print("stored", json.dumps(sorted(images.get(include=[])["ids"])), flush=True)
+        sys.stdin.readline()
+    report = kb.ingest(sys.argv[3], batch_size=4, **({"progress": step} if sys.argv[4] == "step" else {}))
     print("done", json.dumps(report.to_dict()), flush=True)
 """)
 
 
-def _run(kb: Path, model: Path, src: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", INGEST, str(kb), str(model), str(src)],
-                            stdout=subprocess.PIPE, text=True)
+def _run(kb: Path, model: Path, src: Path, mode: str = "free") -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", INGEST, str(kb), str(model), str(src), mode],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
 
 def _opened_state(proc: subprocess.Popen) -> dict:
@@ -49,6 +56,7 @@ def _opened_state(proc: subprocess.Popen) -> dict:
     return json.loads(line[len("opened "):])
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_rerun(tmp_path, tiny_clip):
     src = tmp_path / "src"
     good = make_good_images(src, 200, seed=7)
@@ -57,27 +65,43 @@ def test_sigkill_at_random_moments_then_rerun(tmp_path, tiny_clip):
     # Expected ids, computed independently: plain RGB files are stored byte for byte.
     expected = {hashlib.sha256(f"{hashlib.sha256(p.read_bytes()).hexdigest()}\0{t}".encode()).hexdigest()[:32] for p, t in good}
 
+    # Each kill lands inside the ingestion whatever the machine's speed: after a random number of
+    # batches that stored records, the child gets its last go-ahead and is killed somewhere in the
+    # next batch (the random pause places the moment; a fast child is caught waiting after that
+    # batch). Five runs of at most 7 storing batches of 4 store at most 140 of the 200 records, so
+    # no run can finish.
     rng = random.Random(20261126)
-    killed_mid_ingest = 0
+    landed: set[str] = set()  # records stored before a kill (seen by a plain client): must survive it
     for _ in range(5):
-        proc = _run(kb, tiny_clip, src)
+        proc = _run(kb, tiny_clip, src, "step")
         state = _opened_state(proc)
         # after every kill, the opened KB has both collections in step (repair happened on open)
         assert state["images"] == state["texts"] and not state["journal"]
-        time.sleep(rng.uniform(0.05, 2.0))
+        assert landed <= set(state["images"]), "records stored before the kill were lost"
+        landed, stored_batches, target = set(state["images"]), 0, rng.randint(1, 6)
+        while stored_batches < target:
+            line = proc.stdout.readline()
+            assert line.startswith("stored "), line
+            now = set(json.loads(line[len("stored "):]))
+            assert landed <= now
+            stored_batches += now != landed
+            landed = now
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        time.sleep(rng.uniform(0.0, 0.5))
         proc.kill()
         proc.wait()
-        out = proc.stdout.read()
-        killed_mid_ingest += "done" not in out
-    assert killed_mid_ingest >= 3, "the kills should land inside the ingestion"
+        assert "done" not in proc.stdout.read()
+        proc.stdin.close()
 
     proc = _run(kb, tiny_clip, src)
     state = _opened_state(proc)
-    assert state["images"] == state["texts"]
-    out, _ = proc.communicate(timeout=300)
+    assert state["images"] == state["texts"] and landed <= set(state["images"])
+    out, _ = proc.communicate(timeout=600)  # a bound on a hang only
     assert proc.returncode == 0, out
     done = json.loads(out.split("done ", 1)[1])
     assert done["added"] + done["existing"] >= 200
+    assert done["added"] > 0 and done["existing"] >= len(landed)  # the kills left work; what landed stayed
 
     manifest = json.loads((kb / "mmrag-kb.json").read_text())
     raw = chromadb.PersistentClient(path=str(kb / "chroma"), settings=Settings(anonymized_telemetry=False))
@@ -143,6 +167,7 @@ DIE_AT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", ["image_put_before", "image_put_after", "journal_before", "collection_write_before",
                                    "collection_write_between", "collection_write_after", "release_before"])
 def test_kill_at_each_write_step_then_rerun(tmp_path, tiny_clip, point):
@@ -150,7 +175,7 @@ def test_kill_at_each_write_step_then_rerun(tmp_path, tiny_clip, point):
     good = make_good_images(src, 20, seed=8)
     kb_path = tmp_path / "kb"
     proc = subprocess.run([sys.executable, "-c", DIE_AT, str(kb_path), str(tiny_clip), str(src), point],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == -9 and "survived" not in proc.stdout, proc.stderr[-2000:]
     assert (kb_path / "journal.json").exists()  # it really died inside a journaled write
 

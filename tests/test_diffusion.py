@@ -108,8 +108,30 @@ def hand_loop(pipe, combine, references=REFS, seed=0, steps=STEPS, size=32, ip_a
     return latents
 
 
+# Tolerances, from a measurement (tiny SD below, 3 DDIM steps, CPU float32). Batching rows into one
+# UNet call changes the float32 rounding (oneDNN/MKL pick kernels and blockings by batch shape, CPU
+# ISA and thread count) and guidance amplifies it by its scales. Max |batched - separate calls| over
+# the five guidances of the hand-loop test, threads 1 and 2, one image or row 0 of a 2 prompts x 2
+# images batch, and AVX-512 or AVX2 kernels (ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2,
+# MKL_ENABLE_INSTRUCTIONS=AVX2): 2.1e-5, 3.8e-5 for two prompts with their own references vs each
+# alone, on latents up to 11.8 in magnitude (an AVX2-only EPYC measured 2.6e-5, on latents ~16).
+# Real bugs move them much further: a 0.1% error in one scale by 6.3e-4 (reference) to 1.5e-3
+# (CFG), a swapped condition by 0.49-0.98, another prompt's references by 0.10. So atol = 1e-4,
+# 2.6x above the noise and 6x below the smallest bug; rtol = 0, because a relative term (1e-4 x 12)
+# would grow to the size of the 0.1%-scale effect.
+LATENT_ATOL = 1e-4
+# Decoded images in [0, 1]: the same image from 2- and 3-row batches (scales of one) differs by at
+# most 4.2e-7 (same settings as above), ours vs diffusers' pipelines (the same batch shape) by 0;
+# a 0.1% guidance-scale error moves them by 8.4e-5 to 1.5e-4, a scale of 1.001 instead of 1 by 2.8e-5.
+IMAGE_ATOL = 1e-5
+# SDXL's conditions (hidden states, pooled text, image embeddings; up to ~3 in magnitude) built
+# one prompt at a time vs the generator's batched encoders: at most 7.2e-7 apart (same settings);
+# another prompt's or the negative prompt's text differs by 0.90-2.1, another prompt's references by 0.52.
+CONDITION_ATOL = 1e-5
+
+
 def assert_latents_close(actual, expected):
-    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=LATENT_ATOL)
 
 
 # ---------------------------------------------------------------- (a, c) guidance against the hand loop
@@ -132,7 +154,7 @@ def test_text_and_reference_enhanced_runs_really_differ(generator):
     text = hand_loop(generator.pipeline, lambda i, e: TEXT_ENHANCED(e))
     reference = hand_loop(generator.pipeline, lambda i, e: REFERENCE_ENHANCED(e))
     unguided = hand_loop(generator.pipeline, lambda i, e: CONDITIONED(e))
-    assert (text - reference).abs().max() > 1e-2 and (text - unguided).abs().max() > 1e-2
+    assert (text - reference).abs().max() > 100 * LATENT_ATOL and (text - unguided).abs().max() > 100 * LATENT_ATOL
 
 
 # --------------------------------------------------------------------------- (d) scales of one
@@ -144,8 +166,8 @@ def test_scales_of_one_give_the_fully_conditioned_prediction(generator):
                                        output_type="latent").images, expected)
         images.append(generator(PROMPT, REFS, guidance=guidance, num_inference_steps=STEPS, seed=0,
                                 output_type="np").images)
-    np.testing.assert_allclose(images[0], images[1], atol=1e-5)
-    np.testing.assert_allclose(images[0], images[2], atol=1e-5)
+    np.testing.assert_allclose(images[0], images[1], rtol=0, atol=IMAGE_ATOL)
+    np.testing.assert_allclose(images[0], images[2], rtol=0, atol=IMAGE_ATOL)
 
 
 # ------------------------------------------------------------------------------ (b) rows per step
@@ -171,13 +193,20 @@ def test_a_seed_reproduces_the_image_and_another_seed_differs(generator):
     again = generator(PROMPT, REFS, num_inference_steps=STEPS, seed=7, output_type="np").images
     other = generator(PROMPT, REFS, num_inference_steps=STEPS, seed=8, output_type="np").images
     np.testing.assert_array_equal(first, again)
-    assert np.abs(first - other).max() > 1e-3
+    assert np.abs(first - other).max() > 100 * IMAGE_ATOL
 
 
 def test_prompts_times_images_per_prompt_images(generator):
-    out = generator(["a red bus", "a black dog", "a bowl of fruit"], REFS, num_inference_steps=2,
-                    num_images_per_prompt=2, seed=0)
+    prompts, seeds = ["a red bus", "a black dog", "a bowl of fruit"], [0, 1, 2, 3, 4, 5]
+    out = generator(prompts, REFS, num_inference_steps=2, num_images_per_prompt=2, seed=0)
     assert len(out.images) == 6 and all(image.size == (32, 32) for image in out.images)
+    # grouped by prompt: image i is prompt i // 2 drawn alone with the i-th generator's noise
+    batch = generator(prompts, REFS, num_inference_steps=2, num_images_per_prompt=2, output_type="latent",
+                      generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+    alone = torch.cat([generator(prompts[i // 2], REFS, num_inference_steps=2, seed=s, output_type="latent").images
+                       for i, s in enumerate(seeds)])
+    assert_latents_close(batch, alone)
+    assert (alone[0] - alone[1]).abs().max() > 10 * LATENT_ATOL  # each image has its own noise
     assert generator(PROMPT, REFS, num_inference_steps=2, height=48, width=64, seed=0,
                      output_type="np").images.shape == (1, 48, 64, 3)
 
@@ -191,7 +220,7 @@ def test_each_prompt_keeps_its_own_references_in_a_batch(generator):
              for prompt, refs, seed in [("a red bus", REFS, 0), ("a black dog", OTHER_REFS, 1)]]
     assert_latents_close(batch, torch.cat(alone))
     swapped = generator("a red bus", OTHER_REFS, num_inference_steps=STEPS, seed=0, output_type="latent").images
-    assert (swapped - alone[0]).abs().max() > 1e-3
+    assert (swapped - alone[0]).abs().max() > 10 * LATENT_ATOL  # measured 0.10
 
 
 # ---------------------------------------------------------------------- (f) parity with diffusers
@@ -206,7 +235,7 @@ def test_cfg_reproduces_diffusers_own_ip_adapter_pipeline(sd_dirs, generator, sc
     theirs = generator.pipeline(prompts, ip_adapter_image=[REFS], guidance_scale=5.0, num_inference_steps=4,
                                 num_images_per_prompt=per_prompt, generator=torch.Generator().manual_seed(3),
                                 output_type="np").images
-    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=IMAGE_ATOL)
 
 
 def test_negative_prompt_is_the_dropped_text_as_in_diffusers(generator):
@@ -216,9 +245,9 @@ def test_negative_prompt_is_the_dropped_text_as_in_diffusers(generator):
     theirs = generator.pipeline(prompts, ip_adapter_image=[REFS], negative_prompt=["blurry, low quality"] * 2,
                                 guidance_scale=7.5, num_inference_steps=3, generator=torch.Generator().manual_seed(2),
                                 output_type="np").images
-    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=IMAGE_ATOL)
     default = generator(prompts, REFS, guidance="cfg", num_inference_steps=3, seed=2, output_type="np").images
-    assert np.abs(ours - default).max() > 1e-3
+    assert np.abs(ours - default).max() > 100 * IMAGE_ATOL
 
 
 # --------------------------------------------------------------------------- fallback and prompts
@@ -242,7 +271,7 @@ def test_reference_texts_are_folded_into_the_prompt_through_the_template(generat
     by_hand = generator(rendered, REFS, num_inference_steps=STEPS, seed=0, output_type="latent").images
     plain = generator(PROMPT, REFS, num_inference_steps=STEPS, seed=0, output_type="latent").images
     torch.testing.assert_close(folded, by_hand)
-    assert (folded - plain).abs().max() > 1e-3
+    assert (folded - plain).abs().max() > 10 * LATENT_ATOL
 
 
 def test_ip_adapter_scale_override_is_used_for_the_call(generator):
@@ -250,7 +279,7 @@ def test_ip_adapter_scale_override_is_used_for_the_call(generator):
     base = generator(PROMPT, REFS, guidance=joint, num_inference_steps=STEPS, seed=0, output_type="latent").images
     zero = generator(PROMPT, REFS, guidance=joint, num_inference_steps=STEPS, seed=0, ip_adapter_scale=0.0,
                      output_type="latent").images
-    assert (base - zero).abs().max() > 1e-3
+    assert (base - zero).abs().max() > 10 * LATENT_ATOL
     assert_latents_close(zero, hand_loop(generator.pipeline, lambda i, e: JOINT(e), ip_adapter_scale=0.0))
 
 
@@ -391,10 +420,95 @@ def test_sdxl_is_detected_and_its_cfg_reproduces_diffusers(sdxl_generator):
                                      num_inference_steps=3, num_images_per_prompt=2,
                                      generator=torch.Generator().manual_seed(5), height=32, width=32,
                                      output_type="np").images
-    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=IMAGE_ATOL)
 
 
-def test_sdxl_interleaved_and_joint_batch_their_rows(sdxl_generator):
-    for guidance, rows in (("interleaved", 2), ("joint", 3)):
-        out = sdxl_generator(PROMPT, REFS, guidance=guidance, num_inference_steps=2, seed=0, height=32, width=32)
-        assert out.rows_per_step == [rows, rows] and out.images[0].size == (32, 32)
+@pytest.fixture
+def sdxl_unet_inputs(sdxl_generator, monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor, dict]]:
+    """(sample, encoder_hidden_states, added_cond_kwargs) of every UNet call, recorded around the real forward."""
+    unet, calls = sdxl_generator.pipeline.unet, []
+    forward = unet.forward
+
+    def recording_forward(sample, timestep, *args, **kwargs):
+        added = kwargs["added_cond_kwargs"]
+        calls.append((sample.clone(), kwargs["encoder_hidden_states"].clone(),
+                      {"image_embeds": [e.clone() for e in added["image_embeds"]],
+                       "text_embeds": added["text_embeds"].clone(), "time_ids": added["time_ids"].clone()}))
+        return forward(sample, timestep, *args, **kwargs)
+
+    monkeypatch.setattr(unet, "forward", recording_forward)
+    return calls
+
+
+@torch.no_grad()
+def sdxl_text_by_hand(pipe, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's text condition for one text, straight from the two encoders: both penultimate hidden
+    states side by side (1, L, 64), and the second encoder's projected pooled output (1, 32)."""
+    hidden, pooled = [], None
+    for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
+        ids = tokenizer([text], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        out = encoder(ids, output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled = getattr(out, "text_embeds", pooled)
+    return torch.cat(hidden, dim=-1), pooled
+
+
+@torch.no_grad()
+def image_embeds_by_hand(pipe, references) -> torch.Tensor:
+    """The plain IP-Adapter's input for one prompt's references: CLIP image embeddings, (k, D_img)."""
+    pixels = pipe.feature_extractor(references, return_tensors="pt").pixel_values
+    return pipe.image_encoder(pixels.to(pipe.image_encoder.dtype)).image_embeds
+
+
+# Which conditions each row keeps, (text, references), written out again from the guidance docs.
+KEEPS = {"cond": (True, True), "drop_text": (False, True), "drop_reference": (True, False)}
+
+
+@pytest.mark.parametrize("guidance, step_rows, negative_prompt", [
+    # eta = 1/2 over 2 steps: floor((i+1)/2) - floor(i/2) = 1 only for i = 1, the text step.
+    (InterleavedGuidance(W_T, W_R, eta=0.5), [("cond", "drop_reference"), ("cond", "drop_text")], None),
+    (JointGuidance(W_T, W_R), [("cond", "drop_text", "drop_reference")] * 2, ["blurry", "a low quality photo"]),
+], ids=["interleaved-empty-negative", "joint-negative-prompts"])
+def test_sdxl_rows_carry_each_condition_kept_or_dropped(sdxl_generator, sdxl_unet_inputs, guidance, step_rows,
+                                                        negative_prompt):
+    """Every row of every batched SDXL UNet call against conditions built here without the generator:
+    kept or dropped text (hidden states and pooled text_embeds together), each prompt's own references
+    or zero image embeddings, and the same micro-conditioning time ids on every row."""
+    pipe = sdxl_generator.pipeline
+    prompts, references, per_prompt, height, width = ["a red bus", "a black dog"], [REFS, OTHER_REFS], 2, 32, 48
+    out = sdxl_generator(prompts, references, guidance=guidance, negative_prompt=negative_prompt,
+                         num_inference_steps=len(step_rows), num_images_per_prompt=per_prompt, seed=0,
+                         height=height, width=width, output_type="latent")
+    assert out.rows_per_step == [len(rows) for rows in step_rows]
+    assert out.images.shape == (len(prompts) * per_prompt, 4, height // 2, width // 2)
+    assert len(sdxl_unet_inputs) == len(step_rows)  # one batched call per step
+
+    kept_text = [sdxl_text_by_hand(pipe, prompt) for prompt in prompts]
+    if negative_prompt is None:  # SDXL's empty negative prompt is all zeros (force_zeros_for_empty_prompt)
+        assert pipe.config.force_zeros_for_empty_prompt
+        dropped_text = [(torch.zeros_like(hidden), torch.zeros_like(pooled)) for hidden, pooled in kept_text]
+    else:
+        dropped_text = [sdxl_text_by_hand(pipe, negative) for negative in negative_prompt]
+    images = [image_embeds_by_hand(pipe, refs) for refs in references]
+    assert (images[0] - images[1]).abs().max() > 1e3 * CONDITION_ATOL  # the prompts' references really differ
+    # original size, crop corner, target size: (height, width, top, left, height, width)
+    time_ids = torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32)
+
+    batch = len(prompts) * per_prompt
+    for (sample, hidden, added), rows in zip(sdxl_unet_inputs, step_rows):
+        assert sample.shape[0] == hidden.shape[0] == added["text_embeds"].shape[0] == len(rows) * batch
+        [image_embeds] = added["image_embeds"]  # one IP-Adapter
+        for r, row in enumerate(rows):
+            keep_text, keep_reference = KEEPS[row]
+            torch.testing.assert_close(sample[r * batch:(r + 1) * batch], sample[:batch], rtol=0, atol=0)
+            for b in range(batch):
+                i, p = r * batch + b, b // per_prompt  # images grouped by prompt
+                where = f"row {row!r}, image {b} (prompt {p})"
+                text_hidden, text_pooled = (kept_text if keep_text else dropped_text)[p]
+                torch.testing.assert_close(hidden[i], text_hidden[0], rtol=0, atol=CONDITION_ATOL, msg=where)
+                torch.testing.assert_close(added["text_embeds"][i], text_pooled[0], rtol=0, atol=CONDITION_ATOL,
+                                           msg=where)
+                expected_image = images[p] if keep_reference else torch.zeros_like(images[p])
+                torch.testing.assert_close(image_embeds[i], expected_image, rtol=0, atol=CONDITION_ATOL, msg=where)
+                torch.testing.assert_close(added["time_ids"][i], time_ids, rtol=0, atol=0, msg=where)

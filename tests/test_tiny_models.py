@@ -57,6 +57,14 @@ def _weights(directory: pathlib.Path) -> dict[str, bytes]:
     return {str(path.relative_to(directory)): path.read_bytes() for path in sorted(directory.rglob("*.safetensors"))}
 
 
+def _assert_loaded_as_saved(module: torch.nn.Module, weights: pathlib.Path) -> None:
+    """Every parameter came from the file, bit for bit: none renamed away or left at a fresh random
+    init (which `from_pretrained` only warns about)."""
+    saved, loaded = safetensors.torch.load_file(weights), module.state_dict()
+    assert {name for name, _ in module.named_parameters()} <= saved.keys() <= loaded.keys()
+    assert all(torch.equal(saved[name], loaded[name]) for name in saved)
+
+
 @pytest.mark.parametrize("family, padding", [("clip", True), ("siglip", "max_length")])
 def test_dual_encoder_reloads_and_embeds(tiny_models, images, family, padding):
     model = AutoModel.from_pretrained(tiny_models[family], use_safetensors=True)
@@ -72,12 +80,16 @@ def test_dual_encoder_reloads_and_embeds(tiny_models, images, family, padding):
     image_inputs = processor(images=images, return_tensors="pt")
     assert image_inputs["pixel_values"].shape == (3, 3, 30, 30)
 
+    _assert_loaded_as_saved(model, tiny_models[family] / "model.safetensors")
     with torch.no_grad():
         text_embeds = model.get_text_features(**text_inputs).pooler_output
         image_embeds = model.get_image_features(**image_inputs).pooler_output
     assert text_embeds.shape == (2, 32)
     assert image_embeds.shape == (3, 32)
     assert torch.isfinite(text_embeds).all() and torch.isfinite(image_embeds).all()
+    # the inputs reach the embeddings: other texts and other images give other vectors
+    assert (text_embeds[0] - text_embeds[1]).abs().max() > 1e-3
+    assert min((image_embeds[i] - image_embeds[j]).abs().max() for i, j in ((0, 1), (0, 2), (1, 2))) > 1e-3
 
 
 def test_llava_answers_about_three_interleaved_images(tiny_models, images):
@@ -129,14 +141,22 @@ def sd_pipe(tiny_models) -> StableDiffusionPipeline:
     return StableDiffusionPipeline.from_pretrained(tiny_models["sd"], use_safetensors=True)
 
 
-def _generate(pipe, **kwargs) -> np.ndarray:
-    return pipe("a red boat", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+def _generate(pipe, prompt="a red boat", seed=0, **kwargs) -> np.ndarray:
+    return pipe(prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(seed),
                 output_type="np", **kwargs).images
 
 
-def test_stable_diffusion_generates(sd_pipe):
-    assert _generate(sd_pipe, height=32, width=32).shape == (1, 32, 32, 3)
-    assert _generate(sd_pipe).shape == (1, 32, 32, 3)  # the UNet's sample size is the default
+def test_stable_diffusion_generates(tiny_models, sd_pipe):
+    for name, weights in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
+                          ("text_encoder", "model")):
+        _assert_loaded_as_saved(getattr(sd_pipe, name), tiny_models["sd"] / name / f"{weights}.safetensors")
+    image = _generate(sd_pipe, height=32, width=32)
+    assert image.shape == (1, 32, 32, 3)
+    np.testing.assert_array_equal(_generate(sd_pipe), image)  # the UNet's sample size is the default
+    # the prompt and the seed reach the image; the decoder gives a picture, not a flat field
+    assert np.abs(_generate(sd_pipe, prompt="a black dog") - image).max() > 1e-3
+    assert np.abs(_generate(sd_pipe, seed=1) - image).max() > 1e-3
+    assert 0 <= image.min() and image.max() <= 1 and image.std() > 1e-2
 
 
 def test_ip_adapter_checkpoint_has_the_h94_layout(tiny_models, sd_pipe):
@@ -241,7 +261,11 @@ def test_ensure_is_safe_across_processes(tmp_path):
     for process in processes:
         process.start()
     for process in processes:
-        process.join(timeout=120)
+        process.join(timeout=600)  # only a bound on a hang: each build takes seconds
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+            process.join()
     assert [process.exitcode for process in processes] == [0, 0]
     assert builds.value == 1  # the second process waited for the first one's build and reused it
     assert (tmp_path / "sd" / COMPLETE_MARKER).is_file()
