@@ -12,6 +12,8 @@ from .errors import (
     ModelLoadError,
     NotAKnowledgeBaseError,
     SchemaVersionError,
+    UnsafePathError,
+    WriteRefusedError,
 )
 from .kb import KnowledgeBase
 from .query import Hit, Hits, Query
@@ -44,6 +46,8 @@ __all__ = [
     "Reranker",
     "RetrieverSettings",
     "SchemaVersionError",
+    "UnsafePathError",
     "VLMReranker",
+    "WriteRefusedError",
     "reranker_from_config",
 ]

@@ -35,6 +35,25 @@ class KnowledgeBaseLockedError(KnowledgeBaseError):
     """Another writer holds the knowledge base's write lock."""
 
 
+class UnsafePathError(KnowledgeBaseError):
+    """A path read back from the knowledge base's Chroma metadata does not name a file of its image
+    store (anyone who can write to a shared Chroma server can set one): it is neither read nor
+    deleted."""
+
+
+class WriteRefusedError(KnowledgeBaseError):
+    """Chroma refused a journaled write, which was rolled back (the collections agree again).
+
+    ``reason`` is Chroma's complaint; ``kept`` is where a copy of the refused journal was kept
+    (under ``<kb>/reports/``), or None when the caller reports the refusal itself.
+    """
+
+    def __init__(self, message: str, reason: str, kept: str | None = None):
+        super().__init__(message)
+        self.reason = reason
+        self.kept = kept
+
+
 class MissingExtraError(MMRAGError, ImportError):
     """An optional dependency (a packaging extra) is not installed; the message has the pip command."""
 

@@ -50,3 +50,38 @@ def test_queries_skip_or_complete_a_half_written_record(half_written_kb, setting
         assert h.record.text and h.record.open_image().size == (24, 24)
     if settings["channels"] == ["composed"]:  # the composed score needs both halves: skipped
         assert "half" not in {h.id for h in hits}
+
+
+class _Flaky:
+    """A collection whose first ``failures`` reads fail as embedded Chroma does when another
+    process writes it meanwhile (chromadb InternalError "Error finding id")."""
+
+    def __init__(self, collection, failures: int):
+        self.collection, self.failures, self.calls = collection, failures, 0
+        self.name = collection.name
+
+    def query(self, *args, **kwargs):
+        from chromadb.errors import InternalError
+
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise InternalError("Error executing plan: Internal error: Error finding id")
+        return self.collection.query(*args, **kwargs)
+
+
+def test_embedded_read_race_is_retried_then_a_typed_error(kb, monkeypatch):
+    from mmrag.retrievers import KnowledgeBaseError
+    from mmrag.retrievers.kb import store
+
+    monkeypatch.setattr(store, "READ_BACKOFF_S", 0.0)  # the retry count matters here, not the wait
+    kb.add([Record(id=f"r{i}", text=f"thing {i}", image=Image.new("RGB", (24, 24), (40 * i, 9, 9))) for i in range(3)])
+    expected = MultimodalRetriever(kb).retrieve("thing 1", k=2, channels=["text_to_text"])
+    real = kb.vectors.texts._collection
+    kb.vectors.texts._collection = flaky = _Flaky(real, failures=store.READ_RETRIES)
+    assert [h.id for h in MultimodalRetriever(kb).retrieve("thing 1", k=2, channels=["text_to_text"])] == \
+        [h.id for h in expected]  # retried through the race
+    assert flaky.calls == store.READ_RETRIES + 1
+    kb.vectors.texts._collection = _Flaky(real, failures=10 ** 6)
+    with pytest.raises(KnowledgeBaseError, match="Chroma server"):
+        MultimodalRetriever(kb).retrieve("thing 1", k=2, channels=["text_to_text"])
+    kb.vectors.texts._collection = real

@@ -163,7 +163,8 @@ def test_200_good_and_bad_files_every_bad_item_explained(kb, tmp_path):
         assert expected[rel][len("accept:"):] in " ".join(report.notes)
     again = kb.ingest(src, batch_size=32)
     assert again.added == 0 and again.existing == report.added
-    assert kb.verify() == {"only_in_texts": [], "only_in_images": [], "missing_images": [], "orphan_images": []}
+    assert kb.verify() == {"only_in_texts": [], "only_in_images": [], "missing_images": [], "orphan_images": [],
+                           "unsafe_paths": []}
 
 
 def test_long_text_is_truncated_and_counted(kb, clip_encoder):

@@ -89,7 +89,8 @@ def test_server_kb_ingest_get_delete_reopen(tmp_path, chroma_url, clip_encoder):
     assert kb.delete(ids[:3]) == 3
     reopened = KnowledgeBase.open(tmp_path / "kb")  # url comes from the manifest
     assert reopened.count() == 7 and [r.id for r in reopened.get(ids[3:5])] == ids[3:5]
-    assert reopened.verify() == {"only_in_texts": [], "only_in_images": [], "missing_images": [], "orphan_images": []}
+    assert reopened.verify() == {"only_in_texts": [], "only_in_images": [], "missing_images": [], "orphan_images": [],
+                                 "unsafe_paths": []}
 
 
 def test_two_kbs_share_one_server_without_mixing(tmp_path, chroma_url, clip_encoder):

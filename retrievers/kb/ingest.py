@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
-from ..errors import EmbedderMismatchError, InvalidItemError
+from ..errors import EmbedderMismatchError, InvalidItemError, WriteRefusedError
 from .images import PreparedImage, prepare_image
 from .records import IngestReport, Rejection, SourceItem, content_id
 from .sources import prepare_text
-from .store import IMAGE_KEY, SHA_KEY, SOURCE_PATH_KEY, encode_metadata
+from .store import IMAGE_KEY, SHA_KEY, SOURCE_PATH_KEY, check_text, encode_metadata
 
 if TYPE_CHECKING:
     from .knowledge_base import KnowledgeBase
@@ -50,6 +50,17 @@ class _Prepared:
         one ingestion (a copied file) is a duplicate of the first, not a conflicting record."""
         meta = {k: v for k, v in self.metadata.items() if k != SOURCE_PATH_KEY}
         return (self.image.sha256, self.text, json.dumps(meta, sort_keys=True))
+
+
+@dataclass
+class _Write:
+    """One record to write: ``new`` when the KB lacked its id at lookup (written with Chroma's
+    faster ``add`` unless ``upsert``), ``old_image`` the image an update releases."""
+
+    item: _Prepared
+    new: bool
+    old_image: str | None
+    upsert: bool = False
 
 
 class Ingestion:
@@ -106,6 +117,8 @@ class Ingestion:
         record_id = item.id if item.id is not None else content_id(image.sha256, text)
         source = item.source or label
         try:
+            check_text("`id`", record_id)
+            check_text("text", text)
             metadata = encode_metadata(item.metadata or {}, image=self.kb.images.relpath(image.sha256, image.ext),
                                        sha256=image.sha256, source=source, source_path=item.source_path)
         except ValueError as e:
@@ -131,45 +144,97 @@ class Ingestion:
         t_lookup = time.perf_counter()
         existing = self.kb.vectors.get(list(fresh), include=["metadatas", "documents"])
         report.time("lookup", time.perf_counter() - t_lookup)
-        todo, is_new, release = [], [], []
+        todo: list[_Write] = []
         for rid, p in fresh.items():
-            if rid in existing:
-                meta, doc = existing[rid]
-                if (meta[SHA_KEY], doc, json.dumps(meta, sort_keys=True)) == p.fingerprint:
-                    report.existing += 1
-                    continue
-                report.updated += 1
-                if meta[IMAGE_KEY] != p.metadata[IMAGE_KEY]:
-                    release.append(meta[IMAGE_KEY])
-            else:
-                report.added += 1
-            todo.append(p)
-            is_new.append(rid not in existing)
+            if rid not in existing:
+                todo.append(_Write(p, new=True, old_image=None))
+                continue
+            meta, doc = existing[rid]
+            if (meta.get(SHA_KEY), doc, json.dumps(meta, sort_keys=True)) == p.fingerprint:
+                report.existing += 1
+                continue
+            old_image = meta.get(IMAGE_KEY)
+            if old_image == p.metadata[IMAGE_KEY]:
+                old_image = None  # the same image stays in use
+            elif not self.kb.images.is_safe(old_image):
+                # someone wrote this path to Chroma: it is not ours to release (journal.release
+                # would leave it alone too); say so rather than drop it silently
+                report.note("an updated record pointed at a file outside the image store; left that file alone")
+                old_image = None
+            todo.append(_Write(p, new=False, old_image=old_image))
         if not todo:
             return
         # 3. embed
         t0 = time.perf_counter()
+        image_vectors, text_vectors = self._embed(todo, report)
+        t1 = time.perf_counter()
+        report.time("embed", t1 - t0)
+        todo, image_vectors, text_vectors = self._drop_non_finite(todo, image_vectors, text_vectors, report)
+        # 4. images, then records, each step journaled (see the module docstring). Decoding in the
+        # prepare thread is paused meanwhile: on few cores it halves Chroma's write speed, while
+        # overlapping it with embedding (the long stage) is what pays.
+        with self.kb.gate:
+            refused = self._store_isolating(todo, image_vectors, text_vectors)
+        for w, reason in refused:
+            report.rejected.append(Rejection(w.item.ref, reason, w.item.source))
+        refused_ids = {w.item.id for w, _ in refused}
+        for w in todo:
+            if w.item.id not in refused_ids:
+                if w.new:
+                    report.added += 1
+                else:
+                    report.updated += 1
+        report.time("write", time.perf_counter() - t1)
+
+    def _embed(self, todo: list[_Write], report: IngestReport) -> tuple[np.ndarray, np.ndarray]:
         embedder = self.kb.embedder
         truncated_before = embedder.texts_truncated
-        image_vectors = embedder.embed_images([p.image.image for p in todo])
-        text_vectors = embedder.embed_texts([p.text for p in todo])
+        image_vectors = embedder.embed_images([w.item.image.image for w in todo])
+        text_vectors = embedder.embed_texts([w.item.text for w in todo])
         report.texts_truncated += embedder.texts_truncated - truncated_before
         if image_vectors.shape[1] != self.kb.dim:
             raise EmbedderMismatchError(
                 f"The embedder {embedder.model_id!r} makes {image_vectors.shape[1]}-d vectors but the knowledge base "
                 f"holds {self.kb.dim}-d vectors."
             )
-        t1 = time.perf_counter()
-        report.time("embed", t1 - t0)
-        # 4. images, then records, each step journaled (see the module docstring). Decoding in the
-        # prepare thread is paused meanwhile: on few cores it halves Chroma's write speed, while
-        # overlapping it with embedding (the long stage) is what pays.
-        with self.kb.gate:
-            self._store(todo, is_new, release, image_vectors, text_vectors)
-        report.time("write", time.perf_counter() - t1)
+        return image_vectors, text_vectors
+
+    @staticmethod
+    def _drop_non_finite(todo: list[_Write], image_vectors: np.ndarray, text_vectors: np.ndarray,
+                         report: IngestReport) -> tuple[list[_Write], np.ndarray, np.ndarray]:
+        """Chroma refuses a NaN or infinite vector (and with it the whole batch): reject those
+        items here, before anything is journaled."""
+        ok = np.isfinite(image_vectors).all(axis=1) & np.isfinite(text_vectors).all(axis=1)
+        if ok.all():
+            return todo, image_vectors, text_vectors
+        for w in (w for w, good in zip(todo, ok) if not good):
+            report.rejected.append(Rejection(w.item.ref, "the embedder gave a non-finite (NaN or infinite) vector "
+                                             "for this item; Chroma stores finite vectors only", w.item.source))
+        return [w for w, good in zip(todo, ok) if good], image_vectors[ok], text_vectors[ok]
+
+    def _store_isolating(self, todo: list[_Write], image_vectors: np.ndarray,
+                         text_vectors: np.ndarray) -> list[tuple[_Write, str]]:
+        """Store ``todo``; when Chroma refuses the write (rolled back by the journal) store each half
+        again, down to the single records it refuses: ``(write, reason)`` for those. Our checks
+        (encode_metadata) catch every rule known; this keeps an unknown one from costing the
+        batch's good records. A record stored in a retry upserts: part of the batch may have landed."""
+        if not todo:
+            return []
+        try:
+            self._store([w.item for w in todo], [w.new and not w.upsert for w in todo],
+                        [w.old_image for w in todo if w.old_image is not None], image_vectors, text_vectors)
+            return []
+        except WriteRefusedError as e:
+            if len(todo) == 1:
+                return [(todo[0], e.reason)]
+        retry = [_Write(w.item, w.new, w.old_image, upsert=True) for w in todo]
+        mid = len(todo) // 2
+        return (self._store_isolating(retry[:mid], image_vectors[:mid], text_vectors[:mid])
+                + self._store_isolating(retry[mid:], image_vectors[mid:], text_vectors[mid:]))
 
     def _store(self, todo: list[_Prepared], is_new: list[bool], release: list[str],
                image_vectors: np.ndarray, text_vectors: np.ndarray) -> None:
+        """One journaled write; ``is_new``: written with ``add`` (the id was absent at lookup)."""
         new_images = sorted({p.metadata[IMAGE_KEY] for p in todo if not self.kb.images.path(p.metadata[IMAGE_KEY]).exists()})
         self.kb.journal.record({"op": "images", "release": new_images})  # undone if we die before the next journal
         for p in todo:
@@ -180,6 +245,7 @@ class Ingestion:
             vectors={"images": image_vectors, "texts": text_vectors},
         )
         self.kb.journal.apply(recovering=False)
+
 
 def prefetch(gen: Iterator, depth: int = 2) -> Iterator:
     """Run ``gen`` in a worker thread, ``depth`` items ahead (image decoding overlaps embedding).

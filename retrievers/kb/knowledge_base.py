@@ -20,8 +20,8 @@ from ..encoders import DualEncoder
 from ..errors import ConfigError, KnowledgeBaseError
 from .images import DEFAULT_MAX_IMAGE_PIXELS
 from .ingest import Ingestion, progress_bar
-from .journal import Journal
-from .manifest import MANIFEST_NAME, resolve_manifest, write_json_atomic
+from .journal import Journal, clean_temp_files, hold_writer_lock, writer_lock
+from .manifest import MANIFEST_NAME, check_creatable, check_manifest, new_manifest, read_manifest, write_json_atomic
 from .records import IngestReport, Record
 from .sources import DEFAULT_MAX_TEXT_CHARS, count_source, describe_source, iter_source
 from .store import HNSW_KEYS, IMAGE_KEY, ImageStore, VectorStore, decode_record, make_client
@@ -84,19 +84,18 @@ class KnowledgeBase:
             raise ConfigError(f"`hnsw` {bad!r}: keys must be {list(HNSW_KEYS)} and values positive integers.")
         if lock_timeout < 0:
             raise ConfigError(f"`lock_timeout` must be >= 0 seconds, got {lock_timeout!r}.")
-        manifest_path = path / MANIFEST_NAME
-        is_new = not manifest_path.exists()
-        manifest = resolve_manifest(path, embedder, url, create)
-        url = url if url is not None else manifest.get("url")
-        vectors = _connect(path, manifest, url, hnsw, is_new)
-        if is_new:  # the manifest is written last: a folder without one is a creation to redo
-            path.mkdir(parents=True, exist_ok=True)
-            if url is not None:
-                manifest["url"] = url
-            write_json_atomic(manifest_path, manifest)
+        created = None
+        if not (path / MANIFEST_NAME).exists() and check_creatable(path, embedder, create):
+            created = _create(path, embedder, url, hnsw, lock_timeout)
+        if created is not None:
+            manifest, vectors = created
+        else:  # an existing KB, or one another process created while this one waited for the lock
+            manifest = read_manifest(path / MANIFEST_NAME)
+            check_manifest(manifest, path, embedder, url)
+            vectors = _connect(path, manifest, url if url is not None else manifest.get("url"), None, is_new=False)
         kb = cls(path, manifest, vectors, embedder, lock_timeout=lock_timeout, max_image_pixels=max_image_pixels,
                  max_text_chars=max_text_chars, allow_remote=allow_remote)
-        if kb.journal.pending():
+        if kb.journal.needs_recovery():
             kb.journal.try_recover()
         return kb
 
@@ -156,16 +155,22 @@ class KnowledgeBase:
         }
 
     def verify(self) -> dict[str, list[str]]:
-        """Check the invariants crash safety promises; every list is empty on a healthy KB."""
-        text_ids, image_ids = set(self.vectors.all_ids("texts")), set(self.vectors.all_ids("images"))
-        metas = self.vectors.get(sorted(text_ids), include=["metadatas"])
-        referenced = {m[IMAGE_KEY] for m, _ in metas.values()}
+        """Check the invariants crash safety promises; every list is empty on a healthy KB.
+
+        ``unsafe_paths`` lists the records whose stored image path (in either collection) is not a
+        file of the image store (written to Chroma by something else than mmrag): reading them
+        raises :class:`UnsafePathError`; delete them and ingest them again."""
+        paths = {which: self.vectors.image_paths(which) for which in ("texts", "images")}
+        text_ids, image_ids = set(paths["texts"]), set(paths["images"])
+        unsafe = {i for p in paths.values() for i, rel in p.items() if not self.images.is_safe(rel)}
+        referenced = {rel for p in paths.values() for i, rel in p.items() if i not in unsafe}
         stored = set(self.images)
         return {
             "only_in_texts": sorted(text_ids - image_ids),
             "only_in_images": sorted(image_ids - text_ids),
             "missing_images": sorted(referenced - stored),
             "orphan_images": sorted(stored - referenced),
+            "unsafe_paths": sorted(unsafe),
         }
 
     # ------------------------------------------------------------------ writing
@@ -220,7 +225,8 @@ class KnowledgeBase:
             if not found:
                 return 0
             present = [i for i in ids if i in found]
-            images = sorted({m[IMAGE_KEY] for m, _ in found.values()})
+            # a path outside the image store is dropped by release() (and logged), never deleted
+            images = [m.get(IMAGE_KEY) for m, _ in found.values()]
             self.journal.record({"op": "delete", "ids": present, "release": images})
             self.journal.apply(recovering=False)
         return len(present)
@@ -232,6 +238,22 @@ class KnowledgeBase:
 
 
 # ---------------------------------------------------------------------------- helpers
+def _create(path: Path, embedder: DualEncoder, url: str | None, hnsw: dict[str, int] | None,
+            lock_timeout: float) -> tuple[dict, VectorStore] | None:
+    """Create the KB at ``path`` under its writer lock (two creators take turns, the second waiting
+    ``lock_timeout``), or None when the manifest appeared while this one waited (the KB to open).
+    The manifest is written last: a folder without one is a creation to redo."""
+    manifest = new_manifest(embedder, url)  # loads the embedder (for its dim): not while holding the lock
+    path.mkdir(parents=True, exist_ok=True)
+    with hold_writer_lock(writer_lock(path), path, lock_timeout):
+        if (path / MANIFEST_NAME).exists():
+            return None
+        clean_temp_files(path)  # a killed creation's, e.g. the manifest's before its rename
+        vectors = _connect(path, manifest, url, hnsw, is_new=True)
+        write_json_atomic(path / MANIFEST_NAME, manifest)
+    return manifest, vectors
+
+
 def _connect(path: Path, manifest: dict, url: str | None, hnsw: dict[str, int] | None, is_new: bool) -> VectorStore:
     """The KB's two Chroma collections, checked to be this KB's (not another's on a shared server)."""
     client = make_client(path / "chroma", None) if manifest["backend"] == "embedded" else make_client(None, url)

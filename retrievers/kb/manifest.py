@@ -2,8 +2,8 @@
 
 The manifest stamps the schema version, the library version, the embedder id and dimension, the
 backend (embedded Chroma or a server) and the collection names. It is written last when a KB is
-created, so a folder without it is either not a KB or a creation that was killed (which the next
-open redoes).
+created, under the writer lock (two creators take turns), so a folder without it is either not a
+KB or a creation that was killed (which the next open redoes).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ MANIFEST_NAME = "mmrag-kb.json"
 SCHEMA_VERSION = 1
 LOCK_NAME = ".write.lock"
 HOLDER_NAME = "writer.json"
+# write_json_atomic's temporary names for the two files a creation writes
+_CREATION_TMP = re.compile(r"\.(%s|%s)\.\d+\.tmp" % (re.escape(MANIFEST_NAME), re.escape(HOLDER_NAME)))
 
 
 def now() -> str:
@@ -31,8 +34,11 @@ def now() -> str:
 
 
 def is_unfinished_creation(path: Path) -> bool:
-    """An empty folder, or one a creation killed before its manifest left (Chroma's data, the lock)."""
-    return {p.name for p in path.iterdir()} <= {"chroma", LOCK_NAME, HOLDER_NAME}
+    """An empty folder, or what a creation killed before its manifest's rename leaves: Chroma's
+    data, the writer lock and its holder note, and the temporary files of the manifest and the
+    note (``.mmrag-kb.json.<pid>.tmp``). Nothing else: redoing a creation drops the collections
+    under ``chroma/``, so a folder with anything more (images, a journal) is not taken for one."""
+    return all(p.name in {"chroma", LOCK_NAME, HOLDER_NAME} or _CREATION_TMP.fullmatch(p.name) for p in path.iterdir())
 
 
 def new_manifest(embedder: DualEncoder, url: str | None) -> dict:
@@ -73,25 +79,29 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def resolve_manifest(path: Path, embedder: DualEncoder | None, url: str | None, create: bool) -> dict:
-    """The manifest of the KB at ``path``, or a new one when ``create`` and there is none yet;
-    refuses a folder that is not a KB, a ``url`` for an embedded KB and another embedder."""
+def check_creatable(path: Path, embedder: DualEncoder | None, create: bool) -> bool:
+    """Whether ``path`` (which had no manifest) is a KB to create: raises for a folder that is not
+    a KB, for ``create=False`` and for a creation without an embedder; False when another process
+    finished creating it meanwhile (its manifest is there now)."""
     manifest_path = path / MANIFEST_NAME
-    if manifest_path.exists():
-        manifest = read_manifest(manifest_path)
-    elif path.is_file() or (path.is_dir() and not is_unfinished_creation(path)):
+    if path.is_file() or (path.is_dir() and not is_unfinished_creation(path)):
+        if manifest_path.exists():  # a creator finished (and its writes began) since we looked
+            return False
         raise NotAKnowledgeBaseError(
             f"{str(path)!r} is not an mmrag knowledge base (no {MANIFEST_NAME}). "
             "Pass the folder you ingested into, or an empty/new folder to create one."
         )
-    elif not create:
+    if not create:
         raise NotAKnowledgeBaseError(
             f"No knowledge base at {str(path)!r}. Create one with `mmrag ingest SOURCE --kb {path}`."
         )
-    elif embedder is None:
+    if embedder is None:
         raise ConfigError("`embedder` is required to create a knowledge base: pass a DualEncoder or a model id.")
-    else:
-        manifest = new_manifest(embedder, url)
+    return True
+
+
+def check_manifest(manifest: dict, path: Path, embedder: DualEncoder | None, url: str | None) -> None:
+    """Refuse a ``url`` for an embedded KB and another embedder than the KB's."""
     if url is not None and manifest["backend"] == "embedded":
         raise ConfigError(
             f"`url` is {url!r} but the knowledge base at {str(path)!r} keeps its vectors in embedded Chroma; "
@@ -103,4 +113,3 @@ def resolve_manifest(path: Path, embedder: DualEncoder | None, url: str | None, 
             f"(dim {manifest['embedder']['dim']}), not {embedder.model_id!r}. Open it without an embedder to use "
             "its own, or ingest into a new KB."
         )
-    return manifest
