@@ -156,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ablation", action="store_true", help="skip the per-channel runs")
     _add_output(p)
 
+    from .mcp_server import add_mcp_parser
+
+    add_mcp_parser(sub, [models])
+
     p = sub.add_parser("tiny-models", parents=[plain], help="build the tiny offline models into DIR")
     p.add_argument("directory", metavar="DIR", help="where to write them (one folder per model)")
     p.add_argument("--only", nargs="+", metavar="NAME", help="build only these (clip, siglip, llava, idefics3, "
@@ -543,7 +547,13 @@ def _cmd_env(args) -> int:
     return 0
 
 
-_COMMANDS = {"ingest": _cmd_ingest, "kb": _cmd_kb, "search": _cmd_search, "ask": _cmd_ask, "draw": _cmd_draw, "eval": _cmd_eval, "tiny-models": _cmd_tiny_models, "demo": _cmd_demo, "env": _cmd_env}
+def _cmd_mcp(args) -> int:
+    from .mcp_server import cmd_mcp
+
+    return cmd_mcp(args)
+
+
+_COMMANDS = {"ingest": _cmd_ingest, "kb": _cmd_kb, "search": _cmd_search, "ask": _cmd_ask, "draw": _cmd_draw, "eval": _cmd_eval, "tiny-models": _cmd_tiny_models, "demo": _cmd_demo, "env": _cmd_env, "mcp": _cmd_mcp}
 
 if __name__ == "__main__":
     sys.exit(main())
