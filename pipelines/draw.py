@@ -8,6 +8,7 @@ Diffusion model through an IP-Adapter, training-free.
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,6 +104,7 @@ class EntityImagePipeline:
             raise ConfigError(f"`prompt` must be a non-empty string, got {prompt!r}.")
         _check_positive_int("k", k)
         _check_positive_int("num_inference_steps", num_inference_steps)
+        self._check_generate_kwargs(generate_kwargs)
         if references is not None:
             bad = [i for i, r in enumerate(references) if not isinstance(r, Image.Image)]
             if bad:
@@ -129,6 +131,26 @@ class EntityImagePipeline:
         return ImageOutput(images=list(out.images), references=hits, guidance=out.guidance, fallback=out.fallback,
                            timings=timings, generation=out)
 
+    def _check_generate_kwargs(self, generate_kwargs: Mapping[str, Any]) -> None:
+        """Unknown names fail here, typed and before any retrieval, instead of as a TypeError from
+        the generator after it; the valid ones are the generator's own keyword arguments less those
+        this pipeline passes itself."""
+        params = inspect.signature(self.generator.__call__).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return  # a generator that takes any keyword checks its own
+        own = [name for name, p in inspect.signature(EntityImagePipeline.__call__).parameters.items()
+               if name != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD]
+        passed = set(own) | _PASSED_TO_GENERATOR
+        valid = sorted(name for name, p in params.items()
+                       if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+                       and name not in passed)
+        unknown = sorted(set(generate_kwargs) - set(valid))
+        if unknown:
+            raise ConfigError(
+                f"Unknown keyword argument(s) {', '.join(map(repr, unknown))} for EntityImagePipeline: pass "
+                f"the pipeline's own ({', '.join(own)}) or the generator's ({', '.join(valid)})."
+            )
+
     def _guidance(self, guidance):
         """``None`` is the generator's configured guidance. A bare name keeps the configured
         scales: "joint" means joint guidance at the text and reference scales the generator was
@@ -153,6 +175,10 @@ class EntityImagePipeline:
         require_records(self.retriever.kb)
         return SearchPipeline(self.retriever, self.reranker)(Query(text=prompt), k, where=where, rerank=rerank,
                                    channels=self.channels, timings=timings)
+
+
+# What __call__ hands the generator under these names itself, besides its own same-named arguments.
+_PASSED_TO_GENERATOR = {"reference_texts"}
 
 
 def _check_positive_int(name: str, value: Any) -> None:

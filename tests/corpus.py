@@ -11,7 +11,11 @@ import io
 import json
 import os
 import random
+import shutil
+import socket
+import stat
 import tarfile
+import tempfile
 import zlib
 from pathlib import Path
 from typing import Any
@@ -24,6 +28,16 @@ from PIL import Image, ImageDraw
 BAD_CORPUS_MAX_PIXELS = 100_000
 BOMB_SIZE = (8200, 8200)  # 67,240,000 pixels: over DEFAULT_MAX_IMAGE_PIXELS, under Pillow's own limits
 BAD_MANIFEST = "bad.jsonl"
+HOSTILE_CSV = "hostile.csv"
+HOSTILE_JSONL = "hostile.jsonl"
+# Shape bombs: tiny files, few pixels, shapes that explode when an encoder resizes them. WIDE_SIZE
+# is the issue's case; the corpus's are under BAD_CORPUS_MAX_PIXELS, so that only their shape is wrong.
+WIDE_SIZE = (200_000, 1)
+CORPUS_WIDE_SIZE = (90_000, 1)
+CORPUS_TALL_SIZE = (1, 90_000)
+PANORAMA_SIZE = (600, 60)  # 10:1, as wide as real panoramas get: accepted
+# Written into every file outside the source that a hostile link points to: no reason may quote it.
+SECRET = "root:x:0:0:secret-outside-the-source:/root:/bin/bash"
 FIRST_FRAME_RGB = (220, 40, 40)
 SECOND_FRAME_RGB = (40, 40, 220)
 EXIF_ORIENTATION = 0x0112
@@ -201,6 +215,139 @@ def make_bad_corpus(folder) -> dict[str, str]:
     item("empty_text.jpg", distinct(3), "reject:empty text", text=b" \n\t ")
     item("long_text.jpg", distinct(4), "reject:over the limit of 8192", text=b"word " * 2000)
     item("nul_text.jpg", distinct(5), "reject:NUL character", text=b"before\x00after")
+    return expected
+
+
+def make_hostile_corpus(folder, outside) -> dict[str, str]:
+    """Write one hostile item per kind into ``folder`` and return ``{ref: expected outcome}`` as
+    :func:`make_bad_corpus` does (and, as there, for both pixel limits): files that are not regular
+    (FIFO, socket, character device), symlinks leading out of the folder (an image, sidecars, a
+    folder), a symlink inside it, shape bombs and a wide-but-real panorama.
+
+    ``outside`` is a folder outside whatever is ingested; the escaping links point into it, at
+    files holding :data:`SECRET`. The device kind is written only where ``mknod`` is permitted
+    (root); the returned outcomes always match the files written.
+    """
+    folder, outside = Path(folder), Path(outside)
+    folder.mkdir(parents=True, exist_ok=True)
+    outside.mkdir(parents=True, exist_ok=True)
+    expected: dict[str, str] = {}
+
+    def text_for(name: str) -> None:
+        (folder / name).with_suffix(".txt").write_text(f"hostile case {Path(name).stem}", encoding="utf-8")
+
+    def picture(k: int) -> bytes:
+        return encode(drawn_image(k, seed=97)[0], "PNG")
+
+    # Not regular files: each would block open() (FIFO) or act on being opened (device).
+    os.mkfifo(folder / "fifo.jpg")
+    text_for("fifo.jpg")
+    expected["fifo.jpg"] = "reject:is a FIFO (named pipe), not a regular file"
+    (folder / "fifo_sidecar.png").write_bytes(picture(0))
+    os.mkfifo(folder / "fifo_sidecar.txt")
+    expected["fifo_sidecar.png"] = "reject:is a FIFO (named pipe), not a regular file"
+    unix_socket(folder / "socket.png")
+    text_for("socket.png")
+    expected["socket.png"] = "reject:is a socket, not a regular file"
+    try:
+        os.mknod(folder / "device.jpg", stat.S_IFCHR | 0o600, os.makedev(1, 5))  # what /dev/zero is
+    except (PermissionError, OSError):
+        pass
+    else:
+        text_for("device.jpg")
+        expected["device.jpg"] = "reject:is a character device, not a regular file"
+
+    # Symlinks out of the folder: never read, never described beyond their name.
+    (outside / "photo.png").write_bytes(picture(1))
+    (outside / "secret.txt").write_text(SECRET, encoding="utf-8")
+    (outside / "secret.json").write_text(SECRET, encoding="utf-8")  # not JSON: its error must not quote it
+    (outside / "more").mkdir(exist_ok=True)
+    (outside / "more" / "deep.png").write_bytes(picture(2))
+    (outside / "more" / "deep.txt").write_text(SECRET, encoding="utf-8")
+    os.symlink(outside / "photo.png", folder / "link_out.png")
+    text_for("link_out.png")
+    expected["link_out.png"] = "reject:resolves outside the source folder"
+    (folder / "secret_text.png").write_bytes(picture(3))
+    os.symlink(outside / "secret.txt", folder / "secret_text.txt")
+    expected["secret_text.png"] = "reject:resolves outside the source folder"
+    (folder / "secret_json.png").write_bytes(picture(4))
+    os.symlink(outside / "secret.json", folder / "secret_json.json")
+    expected["secret_json.png"] = "reject:resolves outside the source folder"
+    os.symlink(outside / "more", folder / "linked_out")
+    expected["linked_out"] = "reject:resolves outside the source folder"
+    # A link that stays inside is fine (its target hides in a dot-folder, which is not walked).
+    (folder / ".targets").mkdir(exist_ok=True)
+    (folder / ".targets" / "inside.png").write_bytes(picture(5))
+    os.symlink(folder / ".targets" / "inside.png", folder / "link_in.png")
+    text_for("link_in.png")
+    expected["link_in.png"] = "accept:"
+
+    # Shape bombs: about 100 bytes, 90,000 pixels, gigabytes once resized for an encoder.
+    for name, size in (("wide.png", CORPUS_WIDE_SIZE), ("tall.png", CORPUS_TALL_SIZE)):
+        (folder / name).write_bytes(png_bomb(*size))
+        text_for(name)
+        expected[name] = "reject:over the limit of 100:1"
+    panorama = Image.new("RGB", PANORAMA_SIZE, (90, 140, 200))
+    ImageDraw.Draw(panorama).rectangle((0, 40, 599, 59), fill=(60, 120, 40))
+    (folder / "panorama.jpg").write_bytes(encode(panorama, "JPEG", quality=90))
+    text_for("panorama.jpg")
+    expected["panorama.jpg"] = "accept:"
+    return expected
+
+
+def unix_socket(path) -> Path:
+    """Leave a unix socket file at ``path``. Bound in a short temporary folder and moved, because a
+    socket's path is limited to about 100 bytes and ``path`` may be longer."""
+    short = Path(tempfile.mkdtemp(prefix="s", dir="/tmp"))
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.bind(str(short / "s"))
+        os.rename(short / "s", path)
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
+    return Path(path)
+
+
+def make_hostile_manifests(folder) -> dict[str, str]:
+    """Write ``folder/hostile.csv`` and ``folder/hostile.jsonl`` (and the images they name) with
+    one hostile row or line per manifest kind; return ``{"NAME:LINE": expected outcome}``.
+
+    The CSV has a quote that is never closed on line 3: the rows after it must still be read.
+    The JSONL has values megabytes long (their reasons must stay short) and a FIFO image path.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for k in range(3):
+        name = f"row{k}.jpg"
+        (folder / name).write_bytes(encode(drawn_image(k, seed=96)[0], "JPEG", quality=90))
+        names.append(name)
+    os.mkfifo(folder / "fifo.png")
+    lines = [
+        "image,text",
+        f"{names[0]},a good row before the broken one",
+        f'{names[1]},"a caption whose quote is never closed',
+        f"{names[1]},a good row the open quote swallowed",
+        f"{names[2]},another good row after it",
+        "fifo.png,a row naming a FIFO",
+    ]
+    (folder / HOSTILE_CSV).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    expected = {
+        f"{HOSTILE_CSV}:2": "accept:",
+        f"{HOSTILE_CSV}:3": "reject:unterminated quote starting at line 3",
+        f"{HOSTILE_CSV}:4": "accept:",
+        f"{HOSTILE_CSV}:5": "accept:",
+        f"{HOSTILE_CSV}:6": "reject:is a FIFO (named pipe), not a regular file",
+    }
+    huge = "x" * 1_000_000
+    jsonl = [
+        ({"image": "../" + huge, "text": "a path a megabyte long"}, "reject:outside the manifest's folder"),
+        ({"image": [huge], "text": "an image field that is a list"}, "reject:must be a path or an http(s) URL"),
+        ({"image": huge + "://x", "text": "a megabyte-long URL scheme"}, "reject:unsupported URL scheme"),
+        ({"image": "fifo.png", "text": "a FIFO named by a manifest"}, "reject:is a FIFO (named pipe)"),
+    ]
+    (folder / HOSTILE_JSONL).write_text("".join(json.dumps(obj) + "\n" for obj, _ in jsonl), encoding="utf-8")
+    expected.update({f"{HOSTILE_JSONL}:{n}": outcome for n, (_, outcome) in enumerate(jsonl, 1)})
     return expected
 
 

@@ -129,14 +129,22 @@ def test_folder_walk_is_recursive_sorted_and_skips_hidden(tmp_path):
     assert [i.ref for i in iter_source(tmp_path)] == [i.ref for i in items]
 
 
-def test_folder_follows_linked_folders_once(tmp_path):
-    elsewhere = make_good_images(tmp_path / "elsewhere", 1, seed=5)
+def test_folder_follows_links_inside_it_once_and_refuses_links_outside(tmp_path):
+    """One containment rule for folders and manifests: a link may point anywhere inside the source
+    (walked once; a loop back up the tree does not walk forever), not outside it."""
+    make_good_images(tmp_path / "elsewhere", 1, seed=5)
     root = tmp_path / "root"
+    inner = make_good_images(root / "real", 1, seed=7)
     make_good_images(root, 1, seed=6)
     os.symlink(tmp_path / "elsewhere", root / "linked")
-    os.symlink(root, root / "loop")  # a link back up the tree must not walk forever
-    refs = [i.ref for i in iter_source(root)]
-    assert refs == ["good_6_0000.jpg", f"linked/{elsewhere[0][0].name}"]
+    os.symlink(root / "real", root / "alias")  # inside: the same files, walked once
+    os.symlink(root, root / "loop")
+    items = list(iter_source(root))
+    good = [i.ref for i in items if i.error is None]
+    assert len(good) == 2 and "good_6_0000.jpg" in good  # the inner folder's image once, by either name
+    assert {g for g in good if g != "good_6_0000.jpg"} <= {f"real/{inner[0][0].name}", f"alias/{inner[0][0].name}"}
+    (outside,) = [i for i in items if i.ref == "linked"]
+    assert "outside the source folder" in outside.error
 
 
 def test_folder_json_sidecar_fields_and_txt_precedence(tmp_path):

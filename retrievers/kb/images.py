@@ -5,6 +5,8 @@ the embedder), applies its EXIF orientation, converts it to 8-bit RGB and picks 
 the knowledge base's content-addressed image store. A bad image raises :class:`InvalidItemError`
 whose ``reason`` becomes one line of the ingest report; every conversion that changes what the
 image looks like is recorded in ``notes`` so that the report can count it.
+:func:`normalise_image` runs the same checks and conversions for an image that is embedded but not
+stored (a query image), and :func:`read_regular_file` is how every file of a source is read.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import hashlib
 import io
 import os
 import re
+import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +27,19 @@ from .records import ImageInput
 
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
 DEFAULT_MAX_IMAGE_BYTES = 50 * 2**20
+# The pixel count alone does not bound the memory an image costs: encoders resize the short side up
+# to their input size and keep the aspect ratio (CLIP: shortest edge 224), so a 103-byte 200000x1
+# PNG becomes 44,800,000x224 before the centre crop. Measured through a real ingest with a 30-px
+# encoder: +1.7 GB peak RSS for 200000x1, +3.5 GB for 400000x1, both far under max_pixels. Real
+# pictures are nowhere near such shapes (wide panoramas about 10:1, web banners 728x90 = 8:1, long
+# phone screenshots about 1:25), so 100:1 refuses only degenerate images and bounds the resized
+# image at 100 x the encoder's input size squared (224 x 22,400 x 3 bytes = 15 MB for CLIP).
+DEFAULT_MAX_ASPECT_RATIO = 100
+# An image needs at least one pixel each way: a 0-px side cannot be saved (Pillow's "cannot write
+# empty image") and makes an encoder's resize divide by zero.
+MIN_IMAGE_SIDE = 1
+# Exception texts quoted in a reason are cut to this length: a decoder's message can carry data.
+_MAX_DETAIL_CHARS = 200
 
 NOTE_CMYK = "converted CMYK to RGB"
 NOTE_16BIT = "converted 16-bit to 8-bit"
@@ -65,6 +82,7 @@ def prepare_image(
     *,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
 ) -> PreparedImage:
     """Decode, check and normalise one image; raise :class:`InvalidItemError` if it is unusable.
 
@@ -75,40 +93,80 @@ def prepare_image(
 
     Truncated images are only detected while ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is False
     (Pillow's default); setting that process-wide switch makes Pillow fill missing data silently.
+
+    Limits: at most ``max_bytes`` encoded, ``max_pixels`` decoded, and a shape no longer than
+    ``max_aspect_ratio``:1 with no side under :data:`MIN_IMAGE_SIDE` (see
+    :data:`DEFAULT_MAX_ASPECT_RATIO`); a path must name a regular file (see :func:`read_regular_file`).
     """
-    _check_limit("max_pixels", max_pixels)
-    _check_limit("max_bytes", max_bytes)
+    limits = _Limits(max_pixels, max_bytes, max_aspect_ratio)
     if isinstance(image, Image.Image):
-        _check_pixels(image.size, max_pixels)
-        if getattr(image, "is_animated", False) and image.tell() != 0:
-            image.seek(0)
-        _load(image)
-        rgb, notes, icc = _normalise(image)
+        rgb, notes, icc = _normalise_pil(image, limits)
         return _prepared(rgb, notes, _png(rgb, icc), ".png")
-    if isinstance(image, (str, os.PathLike)):
-        data = _read_file(os.fspath(image), max_bytes)
-    elif isinstance(image, (bytes, bytearray, memoryview)):
-        data = bytes(image)
-        _check_bytes(len(data), max_bytes)
-    elif image is None:
-        raise InvalidItemError("no image given")
-    else:
-        raise InvalidItemError(f"image must be a file path, encoded bytes or a PIL image, got {type(image).__name__}")
-    return _prepare_encoded(data, max_pixels)
-
-
-def _prepare_encoded(data: bytes, max_pixels: int) -> PreparedImage:
-    im = _open(data)
-    with im:
-        # The header gives the size before any pixel is decoded, so a decompression bomb is refused
-        # without allocating its pixels.
-        _check_pixels(im.size, max_pixels)
+    data = _encoded(image, limits)
+    with _open(data) as im:
+        _check_size(im.size, limits)  # from the header, before any pixel is decoded (bombs)
         _load(im)
         rgb, notes, icc = _normalise(im)
         ext = _KEPT_FORMATS.get(im.format)
         if ext is not None and not notes and im.mode in ("L", "RGB") and "transparency" not in im.info:
             return _prepared(rgb, notes, data, ext)
     return _prepared(rgb, notes, _png(rgb, icc), ".png")
+
+
+def normalise_image(
+    image: ImageInput,
+    *,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
+) -> tuple[Image.Image, list[str]]:
+    """The checks and conversions of :func:`prepare_image` (same formats, limits and modes) for an
+    image that is embedded but never stored, such as a query image: returns the 8-bit RGB picture
+    and its notes, without encoding the bytes a store would keep."""
+    limits = _Limits(max_pixels, max_bytes, max_aspect_ratio)
+    if isinstance(image, Image.Image):
+        rgb, notes, _ = _normalise_pil(image, limits)
+        return rgb, notes
+    with _open(_encoded(image, limits)) as im:
+        _check_size(im.size, limits)
+        _load(im)
+        rgb, notes, _ = _normalise(im)
+    return rgb, notes
+
+
+@dataclass(frozen=True)
+class _Limits:
+    max_pixels: int
+    max_bytes: int
+    max_aspect_ratio: float
+
+    def __post_init__(self):
+        _check_limit("max_pixels", self.max_pixels)
+        _check_limit("max_bytes", self.max_bytes)
+        ratio = self.max_aspect_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio >= 1:  # NaN fails too
+            raise ConfigError(f"`max_aspect_ratio` must be a number >= 1 (long side / short side), got {ratio!r}.")
+
+
+def _normalise_pil(image: Image.Image, limits: _Limits) -> tuple[Image.Image, list[str], bytes | None]:
+    _check_size(image.size, limits)
+    if getattr(image, "is_animated", False) and image.tell() != 0:
+        image.seek(0)
+    _load(image)
+    return _normalise(image)
+
+
+def _encoded(image: ImageInput, limits: _Limits) -> bytes:
+    """The encoded bytes of a path or bytes input, within ``max_bytes``."""
+    if isinstance(image, (str, os.PathLike)):
+        return _read_file(os.fspath(image), limits.max_bytes)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        data = bytes(image)
+        _check_bytes(len(data), limits.max_bytes)
+        return data
+    if image is None:
+        raise InvalidItemError("no image given")
+    raise InvalidItemError(f"image must be a file path, encoded bytes or a PIL image, got {type(image).__name__}")
 
 
 def _open(data: bytes) -> Image.Image:
@@ -198,18 +256,75 @@ def _prepared(rgb: Image.Image, notes: list[str], data: bytes, ext: str) -> Prep
 
 
 def _read_file(path: str, max_bytes: int) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            _check_bytes(os.fstat(f.fileno()).st_size, max_bytes)  # before reading a huge file
-            data = f.read(max_bytes + 1)
-    except FileNotFoundError:
-        raise InvalidItemError(f"image file not found: {path}") from None
-    except IsADirectoryError:
-        raise InvalidItemError(f"image path is a directory, not a file: {path}") from None
-    except OSError as e:
-        raise InvalidItemError(f"cannot read image file {path}: {e.strerror or e}") from None
-    _check_bytes(len(data), max_bytes)  # the file may have changed since fstat (or be a pipe)
+    data = read_regular_file(path, "image file", max_bytes, lambda size: _check_bytes(size, max_bytes))
+    _check_bytes(len(data), max_bytes)  # the file may have grown or shrunk since fstat
     return data
+
+
+# What a path that is not a regular file is, for reasons (stat's S_IS* tests, in stat's order).
+_NOT_REGULAR = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+# O_NONBLOCK: opening a FIFO returns at once instead of waiting for a writer (so the fstat check
+# below can refuse it); regular files ignore the flag. O_NOCTTY: a terminal never becomes ours.
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def read_regular_file(path: str, what: str, max_bytes: int, check_size: Callable[[int], None]) -> bytes:
+    """Read at most ``max_bytes + 1`` bytes of the regular file at ``path``; raise
+    :class:`InvalidItemError` naming ``what`` ("image file", "sidecar", ...) otherwise.
+
+    Only regular files are read: opening a FIFO blocks until a writer comes (forever, in an
+    ingestion), a device can stream without end or act on being opened, a socket cannot be opened.
+    The type is checked with ``stat`` before opening, so none of them is opened, and again with
+    ``fstat`` on the descriptor, because the path can be swapped for a FIFO between the two calls.
+    ``check_size`` gets the file's size before anything is read, and raises to refuse it.
+    """
+    with open_regular_file(path, what) as f:
+        check_size(os.fstat(f.fileno()).st_size)
+        try:
+            return f.read(max_bytes + 1)
+        except OSError as e:
+            raise InvalidItemError(f"cannot read {what} {path}: {e.strerror or e}") from None
+
+
+def check_regular_file(path: str, what: str) -> None:
+    """Raise :class:`InvalidItemError` unless ``path`` is a regular file (symlinks followed), without
+    opening it."""
+    try:
+        _require_regular(os.stat(path).st_mode, path, what)
+    except FileNotFoundError:
+        raise InvalidItemError(f"{what} not found: {path}") from None
+    except OSError as e:  # EACCES, ELOOP, ENAMETOOLONG, ...
+        raise InvalidItemError(f"cannot read {what} {path}: {e.strerror or e}") from None
+
+
+def open_regular_file(path: str, what: str) -> io.BufferedReader:
+    """Open ``path`` for binary reading if it is a regular file (see :func:`read_regular_file`)."""
+    check_regular_file(path, what)
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except FileNotFoundError:
+        raise InvalidItemError(f"{what} not found: {path}") from None
+    except OSError as e:  # ENXIO: swapped for a socket since the check; EACCES, ...
+        raise InvalidItemError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    try:
+        _require_regular(os.fstat(fd).st_mode, path, what)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
+
+
+def _require_regular(mode: int, path: str, what: str) -> None:
+    if stat.S_ISREG(mode):
+        return
+    kind = next((name for test, name in _NOT_REGULAR if test(mode)), "not a regular file")
+    raise InvalidItemError(f"{what} {path} is {kind}, not a regular file; only regular files are read")
 
 
 def _check_bytes(size: int, max_bytes: int) -> None:
@@ -219,12 +334,23 @@ def _check_bytes(size: int, max_bytes: int) -> None:
         raise InvalidItemError(f"image is {size:,} bytes, over the limit of {max_bytes:,} (raise max_image_bytes)")
 
 
-def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
-    pixels = size[0] * size[1]
-    if pixels > max_pixels:
+def _check_size(size: tuple[int, int], limits: _Limits) -> None:
+    """Refuse an empty image, a decompression bomb, and a shape that explodes when resized."""
+    width, height = size
+    if min(width, height) < MIN_IMAGE_SIDE:
+        raise InvalidItemError(f"image is {width}x{height}: it has no pixels")
+    pixels = width * height
+    if pixels > limits.max_pixels:
         raise InvalidItemError(
-            f"image is {size[0]}x{size[1]} = {pixels:,} pixels, over the limit of {max_pixels:,} "
+            f"image is {width}x{height} = {pixels:,} pixels, over the limit of {limits.max_pixels:,} "
             "(a possible decompression bomb; raise max_image_pixels to accept it)"
+        )
+    ratio = max(width, height) / min(width, height)
+    if ratio > limits.max_aspect_ratio:
+        raise InvalidItemError(
+            f"image is {width}x{height}, an aspect ratio of {ratio:,.0f}:1, over the limit of "
+            f"{limits.max_aspect_ratio:g}:1 (an encoder resizes the short side up and keeps the shape, which can "
+            "take gigabytes for such an image; crop or split it)"
         )
 
 
@@ -244,4 +370,6 @@ def _check_limit(name: str, value: int) -> None:
 
 def _corrupt(error: Exception) -> str:
     detail = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    # repr's escapes without its quotes: a decoder's message can quote raw file data.
+    detail = repr(detail[:_MAX_DETAIL_CHARS])[1:-1] + ("..." if len(detail) > _MAX_DETAIL_CHARS else "")
     return f"image data is truncated or corrupt ({detail})"

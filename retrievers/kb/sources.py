@@ -9,6 +9,9 @@ manifest line, a path escaping the manifest's folder, an image without text) com
 Folder layout: every image (by extension) pairs with a sidecar of the same stem, ``x.txt`` (the
 text, UTF-8) and/or ``x.json`` (``{"text", "id", "metadata"}``; any other key goes into the
 metadata too). With both, the text comes from ``x.txt``. Hidden files and folders are skipped.
+Everything a folder source reads must lie inside the folder: symlinks are followed only where they
+resolve inside it (the rule manifests follow), and only regular files are read (a FIFO, socket or
+device is refused without being opened, see :func:`~retrievers.kb.images.read_regular_file`).
 
 WebDataset tar layout (as img2dataset writes it): members are grouped by key, the member name up to
 the first dot of its base name (``00001/000010042.jpg`` -> ``00001/000010042``); a key's image,
@@ -25,12 +28,20 @@ manifest's ``image`` field as written, or ``shard.tar:key``.
 Manifest image paths resolve against the manifest's folder and must stay inside it; with
 ``base_dir`` they resolve against ``base_dir`` instead and must stay inside that (an absolute path
 too), which is how a manifest names images kept elsewhere.
+
+CSV manifests are parsed strictly: a row that is not valid CSV is reported, never mended. A quote
+that is never closed would make the rest of the file one field; that row is reported ("unterminated
+quote starting at line N") and the lines after its first are read again as rows of their own.
+
+Reasons quote item content (a manifest value, a tar member name) only escaped and cut short
+(:data:`_MAX_QUOTED_CHARS`), and never the content of a file outside the source, which is not read.
 """
 
 from __future__ import annotations
 
 import csv
 import glob
+import io
 import json
 import os
 import posixpath
@@ -40,13 +51,13 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Iterator, Mapping, Sized
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from PIL import Image
 
 from ..errors import ConfigError, InvalidItemError
-from .images import DEFAULT_MAX_IMAGE_BYTES
+from .images import DEFAULT_MAX_IMAGE_BYTES, check_regular_file, open_regular_file, read_regular_file
 from .records import Record, SourceItem
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
@@ -62,6 +73,12 @@ _TEXT_KEYS = ("text",)
 _TAR_TEXT_KEYS = ("text", "caption")
 # A tar member is read into memory whole; one bigger than an image may be is refused unread.
 _MAX_MEMBER_BYTES = DEFAULT_MAX_IMAGE_BYTES
+# A sidecar is read whole too: far above any caption and its metadata, far below a memory problem.
+_MAX_SIDECAR_BYTES = 16 * 2**20
+# Longest quotation of item content in a reason (a manifest value can be megabytes long).
+_MAX_QUOTED_CHARS = 160
+# Header cells quoted when a CSV header is refused.
+_MAX_QUOTED_COLUMNS = 8
 
 
 def iter_source(
@@ -189,6 +206,10 @@ def _kind(path: Path) -> str:
         raise ConfigError(f"`source` does not exist: {str(path)!r}. Pass {_ACCEPTED}.")
     if path.is_dir():
         return "folder"
+    try:
+        check_regular_file(str(path), "`source`")  # a FIFO would block the first read forever
+    except InvalidItemError as e:
+        raise ConfigError(f"{e.reason}. Pass {_ACCEPTED}.") from None
     kind = _MANIFEST_KINDS.get(path.suffix.lower())
     if kind is None:
         raise ConfigError(
@@ -269,7 +290,7 @@ def _sidecar_json(data: bytes, name: str, text_keys: tuple[str, ...], use_text: 
     try:
         obj = json.loads(data)
     except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8/16/32
-        raise InvalidItemError(f"{name} is not valid JSON ({e})") from None
+        raise InvalidItemError(f"{name} is not valid JSON ({_cut(str(e))})") from None
     if not isinstance(obj, dict):
         raise InvalidItemError(f"{name} must hold a JSON object, got {type(obj).__name__}")
     return _item_fields(obj, text_keys, use_text)
@@ -292,22 +313,46 @@ def _grouped_item(ref: str, label: str, image: str | bytes, txt: bytes | None, j
 
 
 # ------------------------------------------------------------------------------------------ folder
+class _Outside:
+    """A symlinked folder that resolves outside the source folder: one error item, not walked."""
+
+    def __init__(self, ref: str):
+        self.ref = ref
+
+
 def _iter_folder(root: Path, label: str) -> Iterator[SourceItem]:
+    inside = Path(os.path.realpath(root))
     for entry in _folder_groups(root):
         if isinstance(entry, OSError):
             ref = os.path.relpath(entry.filename, root) if entry.filename else "."
             yield SourceItem(ref=ref, source=label, error=f"cannot read folder: {entry.strerror or entry}")
+        elif isinstance(entry, _Outside):
+            yield SourceItem(ref=entry.ref, source=label, error=_outside_reason(PurePosixPath(entry.ref).name, inside))
         else:
-            yield _folder_group_item(root, label, *entry)
+            yield _folder_group_item(root, inside, label, *entry)
 
 
-def _folder_groups(root: Path) -> Iterator[tuple[Path, str, dict[str, list[str]]] | OSError]:
+def _is_inside(path: Path | str, inside: Path) -> bool:
+    # realpath follows every link on the way, so a link in a linked-in folder is judged by its target.
+    return Path(os.path.realpath(path)).is_relative_to(inside)
+
+
+def _outside_reason(name: str, inside: Path) -> str:
+    return (f"{name} is a symlink that resolves outside the source folder {inside}; a folder source reads "
+            "only what lies inside it (copy the files in, or list them in a manifest with base_dir)")
+
+
+def _folder_groups(root: Path) -> Iterator[tuple[Path, str, dict[str, list[str]]] | OSError | _Outside]:
     """In walk order, each ``(folder, stem, {"image": [...], ".txt": [...], ".json": [...]})`` group
-    of files sharing a stem, and each folder that could not be read (its OSError): one per item,
-    so that :func:`count_source` counts what :func:`_iter_folder` gives without reading a file."""
+    of files sharing a stem, each folder that could not be read (its OSError) and each linked folder
+    that leads outside ``root`` (an :class:`_Outside`): one per item, so that :func:`count_source`
+    counts what :func:`_iter_folder` gives without reading a file."""
     unreadable: list[OSError] = []
     visited: set[str] = set()
-    # Linked-in folders are followed (datasets often are); a link back up the tree is visited once.
+    inside = Path(os.path.realpath(root))
+    # Linked-in folders are followed when they resolve inside the root (datasets often link their
+    # parts together); one that leads out is reported, not walked: it could lead anywhere, even "/".
+    # A link back up the tree is visited once.
     for folder, dirs, files in os.walk(root, onerror=unreadable.append, followlinks=True):
         yield from _drain(unreadable)
         real = os.path.realpath(folder)
@@ -315,7 +360,9 @@ def _folder_groups(root: Path) -> Iterator[tuple[Path, str, dict[str, list[str]]
             dirs[:] = []
             continue
         visited.add(real)
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # sorted in place: os.walk's order
+        subfolders = sorted(d for d in dirs if not d.startswith("."))
+        outside = [d for d in subfolders if not _is_inside(os.path.join(folder, d), inside)]
+        dirs[:] = [d for d in subfolders if d not in outside]  # in place: os.walk's order
         groups: dict[str, dict[str, list[str]]] = {}
         for name in sorted(f for f in files if not f.startswith(".")):
             stem, ext = os.path.splitext(name)
@@ -325,6 +372,8 @@ def _folder_groups(root: Path) -> Iterator[tuple[Path, str, dict[str, list[str]]
                 groups.setdefault(stem, {"image": [], ".txt": [], ".json": []})[role].append(name)
         for stem in sorted(groups):
             yield Path(folder), stem, groups[stem]
+        for d in outside:
+            yield _Outside(Path(os.path.relpath(os.path.join(folder, d), root)).as_posix())
     yield from _drain(unreadable)
 
 
@@ -333,10 +382,17 @@ def _drain(errors: list[OSError]) -> Iterator[OSError]:
         yield errors.pop(0)
 
 
-def _folder_group_item(root: Path, label: str, folder: Path, stem: str, group: dict[str, list[str]]) -> SourceItem:
+def _folder_group_item(root: Path, inside: Path, label: str, folder: Path, stem: str,
+                       group: dict[str, list[str]]) -> SourceItem:
     images, txts, jsons = group["image"], group[".txt"], group[".json"]
     first = (images or txts or jsons)[0]
     ref = (folder / first).relative_to(root).as_posix()
+    # First: a file outside the folder is neither read nor described (not even its type).
+    # The folder itself is inside (only such folders are walked), so only a link can lead out.
+    escaping = [name for name in images + txts + jsons
+                if os.path.islink(folder / name) and not _is_inside(folder / name, inside)]
+    if escaping:
+        return SourceItem(ref=ref, source=label, error=_outside_reason(escaping[0], inside))
     if len(images) > 1 or len(txts) > 1 or len(jsons) > 1:
         found = ", ".join(images + txts + jsons)
         return SourceItem(ref=ref, source=label, error=f"ambiguous files share the stem {stem!r} ({found}); "
@@ -353,11 +409,21 @@ def _folder_group_item(root: Path, label: str, folder: Path, stem: str, group: d
 def _folder_item(folder: Path, ref: str, label: str, image: str, txts: list[str], jsons: list[str]) -> SourceItem:
     try:
         # Raw bytes, so that prepare_text is the one place that reports a text that is not UTF-8.
-        txt = (folder / txts[0]).read_bytes() if txts else None
-        js = (folder / jsons[0]).read_bytes() if jsons else None
-    except OSError as e:
-        return SourceItem(ref=ref, source=label, error=f"cannot read sidecar: {e.strerror or e}")
+        txt = _read_sidecar(folder / txts[0]) if txts else None
+        js = _read_sidecar(folder / jsons[0]) if jsons else None
+    except InvalidItemError as e:
+        return SourceItem(ref=ref, source=label, error=e.reason)
     return _grouped_item(ref, label, str(folder / image), txt, js, jsons[0] if jsons else None, _TEXT_KEYS)
+
+
+def _read_sidecar(path: Path) -> bytes:
+    def check(size: int) -> None:
+        if size > _MAX_SIDECAR_BYTES:
+            raise InvalidItemError(f"sidecar {path.name} is {size:,} bytes, over the limit of {_MAX_SIDECAR_BYTES:,}")
+
+    data = read_regular_file(str(path), "sidecar", _MAX_SIDECAR_BYTES, check)
+    check(len(data))  # it may have grown since fstat
+    return data
 
 
 # --------------------------------------------------------------------------------------- manifests
@@ -376,9 +442,20 @@ class _Root:
         return f"{self.name} {self.folder} (paths must stay inside it)"
 
 
+def _open_manifest(path: Path) -> io.BufferedReader:
+    # _kind checked that it is a regular file; this checks the descriptor again, in case the path
+    # was swapped since (see read_regular_file).
+    return open_regular_file(str(path), "manifest")
+
+
 def _jsonl_lines(path: Path) -> Iterator[tuple[str, str | None, str | None]]:
     """``(ref, line, error)`` per non-blank line: the decoded line, or why it cannot be decoded."""
-    with open(path, "rb") as f:
+    try:
+        f = _open_manifest(path)
+    except InvalidItemError as e:
+        yield path.name, None, e.reason
+        return
+    with f:
         for number, raw in enumerate(f, 1):
             ref = f"{path.name}:{number}"
             try:
@@ -424,43 +501,112 @@ def _jsonl_item(obj: dict[str, Any], ref: str, label: str, root: _Root, fetch: "
                       source_path=written)
 
 
+def _open_csv(path: Path) -> io.TextIOWrapper:
+    # surrogateescape turns bytes that are not UTF-8 into markers found per row, instead of an
+    # exception that would end the whole file.
+    return io.TextIOWrapper(_open_manifest(path), encoding="utf-8-sig", errors="surrogateescape", newline="")
+
+
 def _check_csv_header(path: Path) -> None:
     try:
-        with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
-            header = next(csv.reader(f), [])
+        with _open_csv(path) as f:
+            header = next(csv.reader(f, strict=True), [])
+    except InvalidItemError as e:
+        raise ConfigError(f"`source` CSV {str(path)!r} cannot be read ({e.reason}).") from None
     except (OSError, csv.Error) as e:
-        raise ConfigError(f"`source` CSV {str(path)!r} cannot be read ({e}).") from None
+        raise ConfigError(f"`source` CSV {str(path)!r} cannot be read (header row: {e}).") from None
     if "image" not in header or "text" not in header or len(set(header)) != len(header):
+        shown = ", ".join(_shown(c, 40) for c in header[:_MAX_QUOTED_COLUMNS])
+        more = f", ... ({len(header)} columns)" if len(header) > _MAX_QUOTED_COLUMNS else ""
         raise ConfigError(
             f"`source` CSV {str(path)!r} needs a header row naming distinct columns, including 'image' and "
-            f"'text' (optional 'id', others become metadata); found {header!r}."
+            f"'text' (optional 'id', others become metadata); found [{shown}{more}]."
         )
 
 
+class _CsvLines:
+    """A CSV file's lines for ``csv.reader``, numbered, keeping the lines of the record being read
+    so that a broken record spanning several lines can give back all but its first, to be read
+    again. Memory stays bounded: the csv module refuses a field over ``csv.field_size_limit()``,
+    and the lines kept belong to one record."""
+
+    def __init__(self, f: io.TextIOWrapper):
+        self._file = f
+        self._read = 0  # lines taken from the file so far
+        self._again: list[tuple[int, str]] = []  # given back, last first (popped from the end)
+        self.record: list[tuple[int, str]] = []  # (number, line) of the record being read
+
+    def __iter__(self) -> "_CsvLines":
+        return self
+
+    def __next__(self) -> str:
+        if self._again:
+            number, line = self._again.pop()
+        else:
+            line = self._file.readline()
+            if not line:
+                raise StopIteration
+            self._read += 1
+            number = self._read
+        self.record.append((number, line))
+        return line
+
+    def give_back_all_but_first(self) -> None:
+        self._again.extend(reversed(self.record[1:]))
+
+
 def _csv_rows(path: Path) -> Iterator[tuple[str, dict[str, str] | None, str | None]]:
-    """``(ref, row, error)`` per non-blank row: the row by column name, or why it cannot be read."""
-    # surrogateescape turns bytes that are not UTF-8 into markers found per row below, instead of
-    # an exception that would end the whole file.
-    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
-        rows = csv.reader(f)
-        header = next(rows)
+    """``(ref, row, error)`` per non-blank row: the row by column name, or why it cannot be read.
+    ``ref`` names the row's first line."""
+    try:
+        f = _open_csv(path)
+    except InvalidItemError as e:
+        yield path.name, None, e.reason
+        return
+    with f:
+        lines = _CsvLines(f)
+        # strict: a quote out of place is an error, not silently kept as text.
+        rows = csv.reader(lines, strict=True)
+        try:
+            header = next(rows)
+        except (StopIteration, csv.Error) as e:  # _kind read it; the file changed since
+            yield path.name, None, f"the header row can no longer be read ({e or 'empty file'})"
+            return
         while True:
+            lines.record = []
             try:
-                fields = next(rows)
+                fields, error = next(rows), None
             except StopIteration:
                 return
-            except csv.Error as e:  # the parser skips to the next line after an error
-                yield f"{path.name}:{rows.line_num}", None, f"row is not valid CSV ({e})"
-                continue
-            ref = f"{path.name}:{rows.line_num}"  # the row's (last) line in the file
-            if not fields:
+            except csv.Error as e:  # the parser resets and goes on with the next line
+                fields, error = None, e
+            first, last = lines.record[0][0], lines.record[-1][0]
+            ref = f"{path.name}:{first}"
+            if error is not None:
+                yield ref, None, _csv_error(error, first, last)
+                if last > first:
+                    # Only an open quote carries a record over a line end, so the quote opened on
+                    # its first line and swallowed the lines after it. They are read again as rows
+                    # of their own (each checked like any row): one stray quote costs one row.
+                    lines.give_back_all_but_first()
+            elif not fields:
                 continue  # a blank line
-            if len(fields) != len(header):
+            elif len(fields) != len(header):
                 yield ref, None, f"row has {len(fields)} fields, the header has {len(header)}"
             elif not all(_is_utf8(v) for v in fields):
                 yield ref, None, "row is not valid UTF-8"
             else:
                 yield ref, dict(zip(header, fields)), None
+
+
+def _csv_error(error: csv.Error, first: int, last: int) -> str:
+    again = f"; lines {first + 1}-{last} were read again as rows" if last > first else ""
+    if str(error) == "unexpected end of data":  # strict mode's word for end of file inside quotes
+        return f"unterminated quote starting at line {first}: the quoted field runs to the end of the file{again}"
+    if last > first:
+        return (f"row starting at line {first} is not valid CSV ({error}, at line {last}; a quote opened on line "
+                f"{first} is probably not closed where it should be){again}")
+    return f"row is not valid CSV ({error})"
 
 
 def _iter_csv(path: Path, label: str, fetch: "_Fetcher", root: _Root) -> Iterator[SourceItem]:
@@ -491,19 +637,37 @@ def _is_utf8(value: str) -> bool:
     return True
 
 
+def _shown(value: Any, limit: int = _MAX_QUOTED_CHARS) -> str:
+    """``repr(value)`` (quoted, control characters escaped) cut to ``limit`` characters: reasons
+    quote item content, and a manifest value or a tar member name can be any length."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def _cut(text: str, limit: int = _MAX_QUOTED_CHARS) -> str:
+    """Like :func:`_shown`, without the quotation marks (for a URL, a server's message)."""
+    escaped = repr(text)[1:-1]
+    return escaped if len(escaped) <= limit else f"{escaped[:limit]}... ({len(escaped):,} characters)"
+
+
+def _listed(names: list[str], limit: int = _MAX_QUOTED_COLUMNS) -> str:
+    more = f", ... ({len(names)} in all)" if len(names) > limit else ""
+    return ", ".join(_cut(n) for n in names[:limit]) + more
+
+
 def _manifest_image(value: Any, root: _Root, fetch: "_Fetcher") -> str | bytes:
     if not isinstance(value, str) or not value.strip():
-        raise InvalidItemError(f"the 'image' field must be a path or an http(s) URL, got {value!r}")
+        raise InvalidItemError(f"the 'image' field must be a path or an http(s) URL, got {_shown(value)}")
     scheme = urllib.parse.urlsplit(value).scheme.lower()
     if scheme in ("http", "https"):
         return fetch(value)
     if len(scheme) > 1:  # one letter is a Windows drive, not a scheme
-        raise InvalidItemError(f"unsupported URL scheme {scheme!r} in 'image' (use a path or an http(s) URL)")
+        raise InvalidItemError(f"unsupported URL scheme {_shown(scheme)} in 'image' (use a path or an http(s) URL)")
     # resolve() follows symlinks, so a link inside the folder that points outside counts as outside;
     # an absolute path replaces the folder in the join and is held to the same rule.
     resolved = (root.folder / value).resolve()
     if not resolved.is_relative_to(root.folder):
-        raise InvalidItemError(f"image path {value!r} is outside {root.describe()}")
+        raise InvalidItemError(f"image path {_shown(value)} is outside {root.describe()}")
     return str(resolved)
 
 
@@ -532,15 +696,16 @@ class _Fetcher:
                     size += len(chunk)
                     if size > self.max_bytes:
                         raise InvalidItemError(f"remote image is over the limit of {self.max_bytes:,} bytes "
-                                               f"(raise max_remote_bytes): {url}")
+                                               f"(raise max_remote_bytes): {_cut(url)}")
                     if time.monotonic() > deadline:
-                        raise InvalidItemError(f"could not fetch {url}: took longer than {self.timeout} s")
+                        raise InvalidItemError(f"could not fetch {_cut(url)}: took longer than {self.timeout} s")
         except urllib.error.HTTPError as e:
-            raise InvalidItemError(f"could not fetch {url}: HTTP {e.code} {e.reason}") from None
+            # The reason is the server's words (a redirect's target, a status line): cut short.
+            raise InvalidItemError(f"could not fetch {_cut(url)}: HTTP {e.code} {_cut(str(e.reason))}") from None
         except urllib.error.URLError as e:
-            raise InvalidItemError(f"could not fetch {url}: {e.reason}") from None
+            raise InvalidItemError(f"could not fetch {_cut(url)}: {_cut(str(e.reason))}") from None
         except (OSError, ValueError) as e:  # timeouts, resets, malformed responses (http.client)
-            raise InvalidItemError(f"could not fetch {url}: {e}") from None
+            raise InvalidItemError(f"could not fetch {_cut(url)}: {_cut(str(e))}") from None
         return b"".join(chunks)
 
 
@@ -563,7 +728,7 @@ class _TarGroup:
         self.problems: list[str] = []
         if scattered:
             self.problems.append(
-                f"members of key {key!r} are not adjacent in the tar, so they were read apart; "
+                f"members of key {_shown(key)} are not adjacent in the tar, so they were read apart; "
                 "repack the shard with each key's files together (e.g. tar --sort=name)"
             )
 
@@ -572,10 +737,10 @@ class _TarGroup:
         images = [ext for ext in self.data if f".{ext}" in IMAGE_EXTENSIONS]
         if not self.problems:
             if len(images) != 1:
-                self.problems.append(f"{'no image' if not images else 'several images'} for key {self.key!r} "
-                                     f"(members: {', '.join(self.names)})")
+                self.problems.append(f"{'no image' if not images else 'several images'} for key {_shown(self.key)} "
+                                     f"(members: {_listed(self.names)})")
             elif "txt" not in self.data and "json" not in self.data:
-                self.problems.append(f"no text for key {self.key!r} (no .txt or .json member)")
+                self.problems.append(f"no text for key {_shown(self.key)} (no .txt or .json member)")
         if self.problems:
             return SourceItem(ref=ref, source=label, error="; ".join(self.problems))
         return _grouped_item(ref, label, self.data[images[0]], self.data.get("txt"), self.data.get("json"),
@@ -596,24 +761,38 @@ def _count_tar(path: Path) -> int | None:
     Only headers are read ("r:" seeks past the data); None when the shard cannot be scanned."""
     runs, last = 0, None
     try:
-        with tarfile.open(path, mode="r:") as tar:
+        with _open_shard(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
             for member in tar:
                 parts = _tar_key(member)
                 if parts is not None and parts[0] != last:
                     runs, last = runs + 1, parts[0]
-    except (tarfile.TarError, OSError, EOFError):
+    except (tarfile.TarError, OSError, EOFError, InvalidItemError):
         return None
     return runs
 
 
+def _open_shard(path: Path) -> io.BufferedReader:
+    return open_regular_file(str(path), "shard")  # the descriptor checked again, as for manifests
+
+
 def _iter_tar(path: Path, label: str) -> Iterator[SourceItem]:
+    try:
+        f = _open_shard(path)
+    except InvalidItemError as e:
+        yield SourceItem(ref=f"{path.name}:?", source=label, error=e.reason)
+        return
+    with f:
+        yield from _iter_tar_members(f, path, label)
+
+
+def _iter_tar_members(f: io.BufferedReader, path: Path, label: str) -> Iterator[SourceItem]:
     wanted = {ext.lstrip(".") for ext in IMAGE_EXTENSIONS} | {"txt", "json"}
     group: _TarGroup | None = None
     done: set[str] = set()  # keys already given out (names only, to notice scattered members)
     yielded = 0
     try:
         # "r|" streams: one pass, nothing but the current member in memory.
-        with tarfile.open(path, mode="r|") as tar:
+        with tarfile.open(fileobj=f, mode="r|") as tar:
             for member in tar:
                 parts = _tar_key(member)
                 if parts is None:
@@ -631,27 +810,27 @@ def _iter_tar(path: Path, label: str) -> Iterator[SourceItem]:
                     continue
                 group.names.append(base)
                 if ext in group.data:
-                    group.problems.append(f"member {base!r} appears twice")
+                    group.problems.append(f"member {_shown(base)} appears twice")
                 elif ext in wanted and member.size > _MAX_MEMBER_BYTES:  # skipped unread, not loaded
-                    group.problems.append(f"member {base!r} is {member.size:,} bytes, over the limit of "
+                    group.problems.append(f"member {_shown(base)} is {member.size:,} bytes, over the limit of "
                                           f"{_MAX_MEMBER_BYTES:,}")
                 elif ext in wanted:
                     group.data[ext] = tar.extractfile(member).read()
             end = tar.offset
         # tarfile ends quietly at a cut or garbled header; a real end of archive is a zero block.
-        if not _zero_block_at(path, end):
+        if not _zero_block_at(f, end):
             raise tarfile.ReadError(f"no end-of-archive marker at byte {end}")
     except (tarfile.TarError, OSError, EOFError) as e:
         # The key being read may have lost members to the damage, so it is reported, not given out.
-        where = f"after {yielded} items" + (f", while reading key {group.key!r}" if group is not None else "")
+        where = f"after {yielded} items" + (f", while reading key {_shown(group.key)}" if group is not None else "")
         yield SourceItem(ref=f"{path.name}:{group.key if group is not None else '?'}", source=label,
-                         error=f"tar is truncated or corrupt {where} ({e}); the rest of the shard was not read")
+                         error=f"tar is truncated or corrupt {where} ({_cut(str(e))}); "
+                               "the rest of the shard was not read")
         return
     if group is not None:
         yield group.item(path.name, label)
 
 
-def _zero_block_at(path: Path, offset: int) -> bool:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read(tarfile.BLOCKSIZE) == bytes(tarfile.BLOCKSIZE)
+def _zero_block_at(f: io.BufferedReader, offset: int) -> bool:
+    f.seek(offset)
+    return f.read(tarfile.BLOCKSIZE) == bytes(tarfile.BLOCKSIZE)
