@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 from PIL import Image
 
 from mmrag.generators import GenerationOutput, ReferenceDiffusionGenerator
-from mmrag.retrievers import ConfigError, Hit, MultimodalRetriever, Query, Record
+from mmrag.retrievers import ConfigError, Hit, InvalidItemError, MultimodalRetriever, Query, Record
 
 from .config import Config, load_config
 from .search import SearchPipeline, require_records
@@ -120,7 +120,13 @@ class EntityImagePipeline:
             hits = self._retrieve(prompt.strip(), k, where, rerank, timings)
         timings.setdefault("retrieve", time.perf_counter() - t)
         # 3. the references' images (and texts, when folded into the prompt)
-        images = [h.record.open_image() for h in hits]
+        images = []
+        for i, h in enumerate(hits):  # given references get the checks ingested images got
+            try:
+                images.append(h.record.open_image())
+            except InvalidItemError as e:
+                what = f"`references[{i}]`" if references is not None else f"the stored image of {h.id!r}"
+                raise ConfigError(f"{what} cannot be used: {e.reason}.") from None
         texts = [h.record.text for h in hits] if self.fold_reference_texts and hits and references is None else None
         # 4. generate
         t = time.perf_counter()

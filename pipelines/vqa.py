@@ -17,7 +17,7 @@ from typing import Any, Iterator, Mapping, Sequence
 from PIL import Image
 
 from mmrag.generators.vlm import AnswerOutput, Reference, VLMAnswerer
-from mmrag.retrievers import ConfigError, Hit, KnowledgeBaseError, MultimodalRetriever, Query, Record
+from mmrag.retrievers import ConfigError, Hit, InvalidItemError, KnowledgeBaseError, MultimodalRetriever, Query, Record
 
 from .config import Config, load_config
 from .search import SearchPipeline, require_records
@@ -179,8 +179,8 @@ class RAGVQAPipeline:
                 if hit.record.image is not None:
                     try:
                         opened = hit.record.open_image()
-                    except (OSError, ValueError) as e:
-                        raise ConfigError(f"`references[{i}]` has an unreadable image ({e}).") from None
+                    except (OSError, ValueError, InvalidItemError) as e:
+                        raise ConfigError(f"`references[{i}]` has an unusable image ({e}).") from None
                     gold[i] = dataclasses.replace(hit, record=dataclasses.replace(hit.record, image=opened))
         elif self.retriever is None:
             raise ConfigError("This pipeline has no knowledge base: pass references=[...] (or build it with a KB).")
@@ -218,7 +218,7 @@ def _reference(hit: Hit) -> Reference:
     if image is not None and not isinstance(image, Image.Image):
         try:
             image = hit.record.open_image()
-        except OSError as e:
+        except (OSError, InvalidItemError) as e:
             raise KnowledgeBaseError(f"Reference {hit.id!r}: its stored image {str(image)!r} cannot be read ({e}); "
                                      "run `mmrag kb verify --kb DIR` to check the knowledge base.") from None
     return Reference(text=hit.record.text, image=image, score=hit.score, id=hit.id)

@@ -37,7 +37,7 @@ from mmrag.prompts import TemplateError, load_template, render
 from .encoders import DualEncoder, default_device, normalize_model_id, resolve_dtype
 from mmrag._devices import device_problem
 
-from .errors import ConfigError, ModelLoadError
+from .errors import ConfigError, InvalidItemError, ModelLoadError
 from .query import Hit, Query, QueryLike
 
 # Real models for configs/default.yaml (the tests use the tiny builders in pipelines/tiny_models.py).
@@ -63,8 +63,8 @@ def _hit_image(hit: Hit) -> Image.Image:
         )
     try:
         return hit.record.open_image()
-    except OSError as e:
-        raise ConfigError(f"Hit {hit.id!r}: cannot read its image {str(image)!r} ({e}).") from None
+    except (OSError, InvalidItemError) as e:
+        raise ConfigError(f"Hit {hit.id!r}: cannot use its image {str(image)!r} ({e}).") from None
 
 
 class Reranker:

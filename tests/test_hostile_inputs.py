@@ -409,3 +409,19 @@ def test_200_good_with_every_bad_and_hostile_kind_loses_no_good_record(kb, tmp_p
     csv_accepts = [k for k, v in manifests.items() if k.startswith(HOSTILE_CSV) and v.startswith("accept:")]
     assert csv_report.added == len(csv_accepts) == 3  # the rows around the unterminated quote
     assert {r.ref for r in csv_report.rejected} == {f"{HOSTILE_CSV}:3", f"{HOSTILE_CSV}:6"}
+
+
+def test_references_given_to_the_pipelines_get_the_ingest_checks(tiny_sd, tiny_clip):
+    """A user's reference reaches no decoder or encoder resize that ingestion would refuse."""
+    from PIL import Image
+
+    from mmrag.generators import ReferenceDiffusionGenerator
+    from mmrag.pipelines.draw import EntityImagePipeline
+    from mmrag.retrievers import ConfigError, Record
+
+    sd, ip = tiny_sd
+    pipe = EntityImagePipeline(ReferenceDiffusionGenerator(sd, ip_adapter=ip))
+    for bad in (Image.new("RGB", (0, 0)), Image.new("RGB", (20000, 1))):
+        with pytest.raises(ConfigError, match=r"`references\[0\]` cannot be used"):
+            pipe("a thing", references=[bad], num_inference_steps=1)
+    assert Record(text="t", image=Image.new("RGB", (5, 5), (1, 2, 3))).open_image().getpixel((0, 0)) == (1, 2, 3)

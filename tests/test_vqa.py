@@ -243,7 +243,7 @@ def test_rewriter_keeps_the_edited_description_line():
 
 
 def test_given_references_with_bad_images_fail_early_and_are_not_mutated(pipe, tmp_path):
-    with pytest.raises(ConfigError, match=r"references\[1\].*unreadable image"):
+    with pytest.raises(ConfigError, match=r"references\[1\].*unusable image.*not found"):
         pipe("q", references=[(None, "fine"), Record(text="x", image=tmp_path / "missing.png")])
     record = Record(text="bytes image", image=_png_bytes())
     out = pipe("q", references=[record])

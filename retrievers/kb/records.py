@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -11,6 +10,8 @@ from pathlib import Path
 from typing import Any, Union
 
 from PIL import Image
+
+from ..errors import InvalidItemError
 
 # What an ingestion item may carry as its image before validation: a local path, raw encoded
 # bytes (a WebDataset member, a fetched URL) or an image already in memory.
@@ -40,13 +41,16 @@ class Record:
     source_path: str | None = None
 
     def open_image(self) -> Image.Image:
-        """The record's image (a path, encoded bytes or a PIL image) as RGB."""
-        if isinstance(self.image, Image.Image):
-            return self.image.convert("RGB")
+        """The record's image (a path, encoded bytes or a PIL image) as 8-bit RGB, through the
+        checks ingestion applies (format allow-list, pixel and shape limits, modes): a reference a
+        user hands to a pipeline reaches no decoder or encoder resize that ingestion would refuse.
+        Raises :class:`InvalidItemError` (with the reason) for an image that fails them."""
+        from .images import normalise_image
+
         if self.image is None:
-            raise ValueError(f"Record {self.id!r} has no image.")
-        with Image.open(io.BytesIO(self.image) if isinstance(self.image, bytes) else self.image) as im:
-            return im.convert("RGB")
+            raise InvalidItemError(f"record {self.id!r} has no image")
+        rgb, _ = normalise_image(self.image)
+        return rgb
 
 
 @dataclass
