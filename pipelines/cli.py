@@ -157,8 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output(p)
 
     from .mcp_server import add_mcp_parser
+    from .serve.commands import add_keys_parser, add_serve_parser
 
     add_mcp_parser(sub, [models])
+    add_serve_parser(sub, [models])
+    add_keys_parser(sub, [plain])
 
     p = sub.add_parser("tiny-models", parents=[plain], help="build the tiny offline models into DIR")
     p.add_argument("directory", metavar="DIR", help="where to write them (one folder per model)")
@@ -547,13 +550,25 @@ def _cmd_env(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    from .serve.commands import cmd_serve
+
+    return cmd_serve(args)
+
+
+def _cmd_keys(args) -> int:
+    from .serve.commands import cmd_keys
+
+    return cmd_keys(args)
+
+
 def _cmd_mcp(args) -> int:
     from .mcp_server import cmd_mcp
 
     return cmd_mcp(args)
 
 
-_COMMANDS = {"ingest": _cmd_ingest, "kb": _cmd_kb, "search": _cmd_search, "ask": _cmd_ask, "draw": _cmd_draw, "eval": _cmd_eval, "tiny-models": _cmd_tiny_models, "demo": _cmd_demo, "env": _cmd_env, "mcp": _cmd_mcp}
+_COMMANDS = {"ingest": _cmd_ingest, "kb": _cmd_kb, "search": _cmd_search, "ask": _cmd_ask, "draw": _cmd_draw, "eval": _cmd_eval, "tiny-models": _cmd_tiny_models, "demo": _cmd_demo, "env": _cmd_env, "mcp": _cmd_mcp, "serve": _cmd_serve, "keys": _cmd_keys}
 
 if __name__ == "__main__":
     sys.exit(main())
