@@ -53,7 +53,7 @@ import json
 import os
 import threading
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 
 import numpy as np
@@ -132,11 +132,23 @@ class HubnessBanks:
 # ---------------------------------------------------------------------------- full gallery
 @dataclass(frozen=True)
 class StoredVectors:
-    """Every record of one collection: ``ids`` (N,), ``vecs`` (N, d) float32, ``row`` id -> index."""
+    """Every record of one collection: ``ids`` (N,), ``vecs`` (N, d) float32, ``row`` id -> index.
+
+    What is computed from a snapshot (per-item hubness statistics) is cached on the snapshot itself
+    (:meth:`cached`), so it can never be paired with another snapshot of another size: a write
+    between two fetches made exactly that happen under a concurrent writer."""
 
     ids: np.ndarray
     vecs: np.ndarray
     row: dict[str, int]
+    _derived: dict = field(default_factory=dict, compare=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
+
+    def cached(self, key: tuple, build: Callable[[], Any]) -> Any:
+        with self._lock:
+            if key not in self._derived:
+                self._derived[key] = build()
+            return self._derived[key]
 
 
 class GalleryCache:
@@ -192,14 +204,16 @@ class GalleryCache:
         vecs = np.concatenate(blocks) if blocks else np.zeros((0, self.kb.dim), np.float32)
         return StoredVectors(np.asarray(ids), vecs, {rid: i for i, rid in enumerate(ids)})
 
-    def rows_of(self, collection: str, other: str) -> np.ndarray:
-        """For each record of ``collection``, its row in ``other`` (-1 if absent: only while a
-        write is under way, since both collections are written together)."""
-        def build() -> np.ndarray:
-            row = self.vectors(other).row
-            return np.fromiter((row.get(i, -1) for i in self.vectors(collection).ids.tolist()), dtype=np.int64)
+    def paired(self, collection: str, other: str) -> tuple[StoredVectors, StoredVectors, np.ndarray]:
+        """Both collections and, for each record of ``collection``, its row in ``other`` (-1 if
+        absent: only while a write is under way, since both are written together), built together
+        from one fetch of each so that the three always agree in size."""
+        def build() -> tuple[StoredVectors, StoredVectors, np.ndarray]:
+            a, b = self.vectors(collection), self.vectors(other)
+            rows = np.fromiter((b.row.get(i, -1) for i in a.ids.tolist()), dtype=np.int64, count=len(a.ids))
+            return a, b, rows
 
-        return self.get(("rows", collection, other), build)
+        return self.get(("paired", collection, other), build)
 
 
 # ---------------------------------------------------------------------------- normalisation

@@ -397,8 +397,8 @@ class MultimodalRetriever:
         if not len(gal.ids):
             return []  # an empty KB has no banks to sample
         banks = self._banks_for(bank_size)
-        stats = [self._gallery.get(("hubness", collection, m, beta, banks.token),
-                                   lambda m=m, beta=beta: bank_stats(banks.vectors[m], banks.ids[m], gal, beta))
+        stats = [gal.cached(("hubness", m, beta, banks.token),  # on this snapshot: its sizes match
+                            lambda m=m, beta=beta: bank_stats(banks.vectors[m], banks.ids[m], gal, beta))
                  for m, beta in norm.factors]
         scores = norm.gallery_scores((gal.vecs @ vec).astype(np.float64), stats)  # (N,)
         return self._top_of_gallery(gal, scores, n, where, collection, pool)
@@ -457,8 +457,7 @@ class MultimodalRetriever:
             # WeiMoCIR: q = N((1-a) v + a t); score = (1-b) cos(q, image) + b cos(q, text)
             fused = _unit((1 - s.weimocir_alpha) * iv + s.weimocir_alpha * tv)
             if self._exact(s):  # the paper scores the whole gallery
-                images, texts = self._gallery.vectors("images"), self._gallery.vectors("texts")
-                rows = self._gallery.rows_of("images", "texts")  # (N,) each image's text row
+                images, texts, rows = self._gallery.paired("images", "texts")  # rows: (N,) each image's text row
                 paired = rows >= 0  # False only for a record a concurrent writer has half-written
                 text_sims = np.zeros(len(rows))
                 text_sims[paired] = (texts.vecs @ fused).astype(np.float64)[rows[paired]]

@@ -85,3 +85,36 @@ def test_embedded_read_race_is_retried_then_a_typed_error(kb, monkeypatch):
     with pytest.raises(KnowledgeBaseError, match="Chroma server"):
         MultimodalRetriever(kb).retrieve("thing 1", k=2, channels=["text_to_text"])
     kb.vectors.texts._collection = real
+
+
+@pytest.mark.parametrize("settings", [dict(channels=["composed"], composed_method="weimocir"),
+                                      dict(channels=["text_to_image"], hubness="qbnorm"),
+                                      dict(channels=["text_to_image"], hubness="dbnorm")],
+                         ids=["weimocir", "qbnorm", "dbnorm"])
+def test_exact_scoring_with_a_write_landing_mid_query(kb, settings):
+    """The server soak caught this: a write landing between two gallery fetches of one query made
+    their sizes disagree (a numpy broadcast error). A write now lands in the middle of the first
+    gallery fetch; every query before and after it still answers, over a consistent snapshot."""
+    from mmrag.retrievers.hubness import GalleryCache
+
+    kb.add([Record(id=f"r{i}", text=f"a thing number {i}", image=Image.new("RGB", (24, 24), (30 * i, 90, 9)))
+            for i in range(6)])
+    real_fetch, writes = GalleryCache._fetch, iter(range(100, 103))
+
+    def fetch_then_write(self, collection):
+        out = real_fetch(self, collection)
+        i = next(writes, None)
+        if i is not None:  # another writer, right between this fetch and the next one
+            kb.add([Record(id=f"w{i}", text=f"written meanwhile {i}", image=Image.new("RGB", (24, 24), (i, 9, 90)))])
+        return out
+
+    retriever = MultimodalRetriever(kb, near_duplicate_threshold=None, scoring_scope="gallery", **settings)
+    image = kb.get("r1")[0].open_image()
+    query = Query(text="a thing", image=image) if settings["channels"] == ["composed"] else Query(text="a thing")
+    GalleryCache._fetch = fetch_then_write
+    try:
+        for _ in range(3):
+            assert len(retriever.retrieve(query, k=4)) == 4
+    finally:
+        GalleryCache._fetch = real_fetch
+    assert kb.count() == 9
