@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     from mmrag import __version__
     from mmrag.retrievers.retriever import CHANNELS, COMPOSED_METHODS, FUSIONS
 
+    from .client_cli import add_server_arguments
+
     channels = ", ".join(CHANNELS)
     models, plain = _common(), _common(models=False)
     parser = argparse.ArgumentParser(prog="mmrag", description="Retrieval-augmented multimodal generation.")
@@ -80,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text", nargs="?", help="query text (with --image: the modifier of a composed query)")
     p.add_argument("--image", metavar="PATH", help="query image")
     p.add_argument("--reference-text", metavar="TEXT", help="description of --image (for composed_method pdv)")
-    _add_kb(p)
+    _add_kb(p, required=False)  # not with --server: the server's KB applies
+    add_server_arguments(p)
     p.add_argument("-k", type=int, default=10, help="number of hits (default 10)")
     p.add_argument("--where", metavar="JSON", help='metadata filter, e.g. \'{"kind": "dog"}\'')
     p.add_argument("--channels", nargs="+", metavar="NAME", choices=list(CHANNELS),
@@ -96,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ask", parents=[models], help="answer a question about an image with references from the KB")
     p.add_argument("question", help="the question")
     p.add_argument("--image", metavar="PATH", help="the image the question is about")
-    _add_kb(p)
+    _add_kb(p, required=False)  # not with --server: the server's KB applies
+    add_server_arguments(p)
     p.add_argument("-k", type=int, help="references to retrieve (default: vqa.k of the config)")
     p.add_argument("--where", metavar="JSON", help="metadata filter for the references")
     p.add_argument("--choices", metavar="A;B;C", help="multiple choice: options separated by ';'")
@@ -115,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("draw", parents=[models], help="draw a prompt grounded on reference images from the KB")
     p.add_argument("prompt", help="what to draw")
     _add_kb(p, required=False)
+    add_server_arguments(p)
     p.add_argument("-k", type=int, help="references (default: draw.k of the config)")
     p.add_argument("--reference", action="append", metavar="IMAGE",
                    help="use this image as a reference (repeatable); skips retrieval")
@@ -180,7 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     verbose = args.verbose or os.environ.get("MMRAG_LOG", "").lower() == "debug"
     _configure_logging(args.verbose, os.environ.get("MMRAG_LOG", ""))
-    if not verbose and not os.environ.get("MMRAG_DEBUG"):
+    remote = getattr(args, "server", None) and args.command in ("search", "ask")
+    if not verbose and not os.environ.get("MMRAG_DEBUG") and not remote:
         _quiet_libraries()
     from mmrag.errors import MMRAGError
 
@@ -343,6 +349,10 @@ def _parse_where(text: str | None):
 
 
 def _cmd_search(args) -> int:
+    if args.server:
+        from .client_cli import search_via_server
+
+        return search_via_server(args)
     from mmrag.retrievers import ConfigError, Query
 
     from .builders import build_reranker, build_retriever, open_knowledge_base, uses_tiny_models
@@ -351,6 +361,8 @@ def _cmd_search(args) -> int:
 
     if args.text is None and args.image is None:
         raise ConfigError("Give a query: TEXT, --image PATH, or both.")
+    if args.kb is None:
+        raise ConfigError("Give --kb DIR, or --server URL to search through a running `mmrag serve`.")
     query = Query.coerce(Query(text=args.text, image=args.image, reference_text=args.reference_text))
     where = _parse_where(args.where)
     cfg = _config(args, **{"kb.path": args.kb, "kb.url": args.url, "retriever.fusion": args.fusion,
@@ -390,6 +402,10 @@ def _cmd_search(args) -> int:
 
 
 def _cmd_ask(args) -> int:
+    if args.server:
+        from .client_cli import ask_via_server
+
+        return ask_via_server(args)
     from mmrag.retrievers import ConfigError
 
     from .builders import uses_tiny_models
@@ -401,6 +417,8 @@ def _cmd_ask(args) -> int:
         choices = [c.strip() for c in args.choices.split(";")]
         if len(choices) < 2 or not all(choices):
             raise ConfigError(f"`--choices` needs at least 2 non-empty options separated by ';', got {args.choices!r}.")
+    if args.kb is None:
+        raise ConfigError("Give --kb DIR, or --server URL to ask through a running `mmrag serve`.")
     cfg = _config(args, **{"kb.path": args.kb, "kb.url": args.url, "vqa.k": args.k,
                            "vlm.choice_format": args.choice_format, "vlm.length_normalization": args.length_normalization})
     pipe = RAGVQAPipeline.from_config(cfg)
@@ -430,6 +448,10 @@ def _cmd_ask(args) -> int:
 
 
 def _cmd_draw(args) -> int:
+    if args.server:
+        from .client_cli import draw_via_server
+
+        return draw_via_server(args)
     from mmrag.retrievers import ConfigError, Query
 
     from .builders import uses_tiny_models
