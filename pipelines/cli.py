@@ -337,6 +337,50 @@ def _cmd_kb(args) -> int:
     return 0 if not any(problems.values()) else EXIT_ERROR
 
 
+# ---------------------------------------------------------------- output (local and --server alike)
+def print_hits(hits: Sequence, as_json: bool) -> None:
+    """The hits as ``mmrag search`` prints them: one JSON list, or the table."""
+    if as_json:
+        print(json.dumps([{"rank": h.rank, "id": h.id, "score": h.score, "scores": h.scores, "text": h.record.text,
+                           "source_path": h.record.source_path, "image": h.record.image,
+                           "metadata": h.record.metadata} for h in hits]))
+        return
+    if not hits:
+        print("no hits")
+    for h in hits:
+        text = h.record.text if len(h.record.text) <= 60 else h.record.text[:57] + "..."
+        print(f"{h.rank:>3}  {h.score:8.4f}  {h.id:<34}  {text:<60}  {h.record.source_path or '-'}")
+
+
+def print_answer(out: Any, choices: Sequence[str] | None, as_json: bool) -> None:
+    """After the (streamed) answer: the choice, the note and the references, as ``mmrag ask``."""
+    if as_json:
+        print(json.dumps(out.to_dict()))
+        return
+    if choices is not None:
+        print(out.choice + "   (" + ", ".join(f"{c}: {s:.3f}" for c, s in zip(choices, out.choice_scores)) + ")")
+    if out.message:
+        print(f"note: {out.message}")
+    cited = {h.id for h in out.cited}
+    for i, h in enumerate(out.references, start=1):
+        print(f"[{i}]{'*' if h.id in cited else ' '} {h.score:8.4f}  {h.id}  {h.record.text[:70]}")
+
+
+def print_drawing(out: Any, paths: Sequence[Path], sheet: Path, as_json: bool) -> None:
+    """What ``mmrag draw`` prints once the files are written."""
+    if as_json:
+        print(json.dumps({"images": [str(p) for p in paths], "contact_sheet": str(sheet), "guidance": out.guidance,
+                          "fallback": out.fallback, "references": [{"id": h.id, "score": h.score, "text": h.record.text}
+                                                                   for h in out.references], "timings": out.timings}))
+        return
+    if out.fallback:
+        print(f"note: {out.fallback}")
+    print(f"guidance: {out.guidance}")
+    for h in out.references:
+        print(f"reference {h.rank}: {h.score:8.4f}  {h.id}  {h.record.text[:70]}")
+    print("wrote " + ", ".join(str(p) for p in paths) + f" and the contact sheet {sheet}")
+
+
 def _parse_where(text: str | None):
     if text is None:
         return None
@@ -388,16 +432,7 @@ def _cmd_search(args) -> int:
         note = TINY_NOTE if uses_tiny_models(cfg, kb) else None
         path = write_report(args.html, "mmrag search", [render_search("query", query, hits)], note=note)
         print(f"wrote {path}", file=sys.stderr)
-    if args.json:
-        print(json.dumps([{"rank": h.rank, "id": h.id, "score": h.score, "scores": h.scores, "text": h.record.text,
-                           "source_path": h.record.source_path, "image": h.record.image,
-                           "metadata": h.record.metadata} for h in hits]))
-        return 0
-    if not hits:
-        print("no hits")
-    for h in hits:
-        text = h.record.text if len(h.record.text) <= 60 else h.record.text[:57] + "..."
-        print(f"{h.rank:>3}  {h.score:8.4f}  {h.id:<34}  {text:<60}  {h.record.source_path or '-'}")
+    print_hits(hits, args.json)
     return 0
 
 
@@ -434,16 +469,7 @@ def _cmd_ask(args) -> int:
         note = TINY_NOTE if uses_tiny_models(cfg, pipe.retriever.kb) else None
         path = write_report(args.html, "mmrag ask", [render_answer(args.question, args.image, out)], note=note)
         print(f"wrote {path}", file=sys.stderr)
-    if args.json:
-        print(json.dumps(out.to_dict()))
-        return 0
-    if choices is not None:
-        print(out.choice + "   (" + ", ".join(f"{c}: {s:.3f}" for c, s in zip(choices, out.choice_scores)) + ")")
-    if out.message:
-        print(f"note: {out.message}")
-    cited = {h.id for h in out.cited}
-    for i, h in enumerate(out.references, start=1):
-        print(f"[{i}]{'*' if h.id in cited else ' '} {h.score:8.4f}  {h.id}  {h.record.text[:70]}")
+    print_answer(out, choices, args.json)
     return 0
 
 
@@ -479,17 +505,7 @@ def _cmd_draw(args) -> int:
     if args.html:
         note = TINY_NOTE if uses_tiny_models(cfg, pipe.retriever.kb if pipe.retriever else None) else None
         write_report(args.html, "mmrag draw", [render_drawing(args.prompt, out)], note=note)
-    if args.json:
-        print(json.dumps({"images": [str(p) for p in paths], "contact_sheet": str(sheet), "guidance": out.guidance,
-                          "fallback": out.fallback, "references": [{"id": h.id, "score": h.score, "text": h.record.text}
-                                                                   for h in out.references], "timings": out.timings}))
-        return 0
-    if out.fallback:
-        print(f"note: {out.fallback}")
-    print(f"guidance: {out.guidance}")
-    for h in out.references:
-        print(f"reference {h.rank}: {h.score:8.4f}  {h.id}  {h.record.text[:70]}")
-    print("wrote " + ", ".join(str(p) for p in paths) + f" and the contact sheet {sheet}")
+    print_drawing(out, paths, sheet, args.json)
     return 0
 
 

@@ -12,11 +12,10 @@ with a message, since the server's config decides them.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .client import Client
 
@@ -46,7 +45,7 @@ def search_via_server(args: argparse.Namespace) -> int:
     """``mmrag search --server URL``: what ``_cmd_search`` prints, from the server's hits."""
     from mmrag.retrievers import ConfigError, Query
 
-    from .cli import _parse_where
+    from .cli import _parse_where, print_hits
 
     _refuse_local_flags(args, "search", {**_LOCAL_FLAGS, **_SEARCH_SETTINGS})
     if args.text is None and args.image is None:
@@ -69,25 +68,11 @@ def search_via_server(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_hits(hits: Sequence, as_json: bool) -> None:
-    """The hits as ``mmrag search`` prints them: one JSON list, or the table."""
-    if as_json:
-        print(json.dumps([{"rank": h.rank, "id": h.id, "score": h.score, "scores": h.scores, "text": h.record.text,
-                           "source_path": h.record.source_path, "image": h.record.image,
-                           "metadata": h.record.metadata} for h in hits]))
-        return
-    if not hits:
-        print("no hits")
-    for h in hits:
-        text = h.record.text if len(h.record.text) <= 60 else h.record.text[:57] + "..."
-        print(f"{h.rank:>3}  {h.score:8.4f}  {h.id:<34}  {text:<60}  {h.record.source_path or '-'}")
-
-
 def ask_via_server(args: argparse.Namespace) -> int:
     """``mmrag ask --server URL``: the streamed answer, then the references, as ``_cmd_ask``."""
     from mmrag.retrievers import ConfigError
 
-    from .cli import _parse_where
+    from .cli import _parse_where, print_answer
 
     _refuse_local_flags(args, "ask", {**_LOCAL_FLAGS, **_ASK_SETTINGS})
     choices = None
@@ -115,25 +100,11 @@ def ask_via_server(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_answer(out: Any, choices: Sequence[str] | None, as_json: bool) -> None:
-    """After the (streamed) answer: the choice, the note and the references, as ``mmrag ask``."""
-    if as_json:
-        print(json.dumps(out.to_dict()))
-        return
-    if choices is not None:
-        print(out.choice + "   (" + ", ".join(f"{c}: {s:.3f}" for c, s in zip(choices, out.choice_scores)) + ")")
-    if out.message:
-        print(f"note: {out.message}")
-    cited = {h.id for h in out.cited}
-    for i, h in enumerate(out.references, start=1):
-        print(f"[{i}]{'*' if h.id in cited else ' '} {h.score:8.4f}  {h.id}  {h.record.text[:70]}")
-
-
 def draw_via_server(args: argparse.Namespace) -> int:
     """``mmrag draw --server URL``: the image(s), the contact sheet and the summary, as ``_cmd_draw``."""
     from mmrag.retrievers import Query
 
-    from .cli import _bar, _parse_where
+    from .cli import _bar, _parse_where, print_drawing
     from .draw import contact_sheet
 
     _refuse_local_flags(args, "draw", {**_LOCAL_FLAGS, **_DRAW_SETTINGS})
@@ -160,21 +131,6 @@ def draw_via_server(args: argparse.Namespace) -> int:
             write_report(args.html, "mmrag draw", [render_drawing(args.prompt, shown)], note=note)
     print_drawing(out, paths, sheet, as_json=args.json)
     return 0
-
-
-def print_drawing(out: Any, paths: Sequence[Path], sheet: Path, as_json: bool) -> None:
-    """What ``mmrag draw`` prints once the files are written."""
-    if as_json:
-        print(json.dumps({"images": [str(p) for p in paths], "contact_sheet": str(sheet), "guidance": out.guidance,
-                          "fallback": out.fallback, "references": [{"id": h.id, "score": h.score, "text": h.record.text}
-                                                                   for h in out.references], "timings": out.timings}))
-        return
-    if out.fallback:
-        print(f"note: {out.fallback}")
-    print(f"guidance: {out.guidance}")
-    for h in out.references:
-        print(f"reference {h.rank}: {h.score:8.4f}  {h.id}  {h.record.text[:70]}")
-    print("wrote " + ", ".join(str(p) for p in paths) + f" and the contact sheet {sheet}")
 
 
 def with_image(client: Client, hit: Any) -> Any:

@@ -43,3 +43,25 @@ def clip_encoder(tiny_clip) -> DualEncoder:
 @pytest.fixture
 def kb(tmp_path, clip_encoder) -> KnowledgeBase:
     return KnowledgeBase.open(tmp_path / "kb", clip_encoder)
+
+
+# The in-process references that served results are compared with (a module that asks for them defines `config`).
+@pytest.fixture(scope="module")
+def search_ref(config):
+    from mmrag.pipelines.search import SearchPipeline
+
+    return SearchPipeline.from_config(config)
+
+
+@pytest.fixture(scope="module")
+def vqa_ref(config):
+    from mmrag.pipelines.vqa import RAGVQAPipeline
+
+    return RAGVQAPipeline.from_config(config)
+
+
+@pytest.fixture(scope="module")
+def draw_ref(config):
+    from mmrag.pipelines.draw import EntityImagePipeline
+
+    return EntityImagePipeline.from_config(config)

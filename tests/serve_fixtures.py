@@ -136,5 +136,6 @@ def serve_cli(argv: list[str]) -> int:
     return {"serve": cmd_serve, "keys": cmd_keys}[args.command](args)
 
 
+
 if __name__ == "__main__":  # python -m tests.serve_fixtures serve --kb DIR ...
     sys.exit(serve_cli(sys.argv[1:]))

@@ -23,10 +23,9 @@ from PIL import Image
 from mmrag.client import (APIError, AuthenticationError, Client, NotFoundError, PermissionDeniedError,
                           ServerUnreachableError)
 from mmrag.errors import MMRAGError
-from mmrag.pipelines import EntityImagePipeline, RAGVQAPipeline, make_sample_set
+from mmrag.pipelines import make_sample_set
 from mmrag.pipelines.cli import _cmd_ask, _cmd_draw, _cmd_search, build_parser
 from mmrag.pipelines.client_cli import add_server_arguments, ask_via_server, draw_via_server, search_via_server
-from mmrag.pipelines.search import SearchPipeline
 from mmrag.pipelines.serve.app import create_app
 from mmrag.pipelines.serve.keys import KeyStore
 from mmrag.retrievers import (ConfigError, DualEncoder, Hits, KnowledgeBase, KnowledgeBaseError, ModelLoadError, Query,
@@ -79,21 +78,6 @@ def job_server(config, kb_path, keys) -> str:
 def client(server, keys) -> Client:
     with Client(server, api_key=keys["read"], timeout=600) as c:  # a bound on a hang
         yield c
-
-
-@pytest.fixture(scope="module")
-def search_ref(config) -> SearchPipeline:
-    return SearchPipeline.from_config(config)
-
-
-@pytest.fixture(scope="module")
-def vqa_ref(config) -> RAGVQAPipeline:
-    return RAGVQAPipeline.from_config(config)
-
-
-@pytest.fixture(scope="module")
-def draw_ref(config) -> EntityImagePipeline:
-    return EntityImagePipeline.from_config(config)
 
 
 @pytest.fixture(scope="module")

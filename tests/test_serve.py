@@ -30,9 +30,7 @@ import openai  # noqa: E402
 
 import mmrag  # noqa: E402
 from mmrag.errors import MMRAGError  # noqa: E402
-from mmrag.pipelines import EntityImagePipeline, RAGVQAPipeline  # noqa: E402
 from mmrag.pipelines.cli import _common  # noqa: E402
-from mmrag.pipelines.search import SearchPipeline  # noqa: E402
 from mmrag.pipelines.serve import require_serve_extra  # noqa: E402
 from mmrag.pipelines.serve.app import create_app  # noqa: E402
 from mmrag.pipelines.serve.commands import add_keys_parser, add_serve_parser, cmd_keys, cmd_serve, is_loopback  # noqa: E402
@@ -87,21 +85,6 @@ def bearer(key: str) -> dict[str, str]:
 def client(server, keys):
     with httpx.Client(base_url=server, headers=bearer(keys["write"]), timeout=600) as c:  # a bound on a hang
         yield c
-
-
-@pytest.fixture(scope="module")
-def search_ref(config) -> SearchPipeline:
-    return SearchPipeline.from_config(config)
-
-
-@pytest.fixture(scope="module")
-def vqa_ref(config) -> RAGVQAPipeline:
-    return RAGVQAPipeline.from_config(config)
-
-
-@pytest.fixture(scope="module")
-def draw_ref(config) -> EntityImagePipeline:
-    return EntityImagePipeline.from_config(config)
 
 
 QUERY_IMAGE = shape_image("red", "circle", shift=1)
