@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import inspect
 import math
+import logging
 import os
+import queue
 import re
 import threading
 import time
@@ -35,12 +37,14 @@ from typing import Any, Literal, get_args
 
 import PIL.Image
 import torch
-from transformers import TextIteratorStreamer
+from transformers.generation.streamers import BaseStreamer
 
 from mmrag._devices import device_problem
 from mmrag.generators.dtypes import parse_dtype
 from mmrag.generators.errors import ContextLengthError, GenerationError, GeneratorLoadError, UnsupportedModelError
 from mmrag.prompts import TemplateError, load_template, render
+
+logger = logging.getLogger(__name__)
 
 # The parts of a template family and the fields each takes.
 TEMPLATE_PARTS = {"intro": set(), "reference": {"label", "text"}, "question": {"question"}, "plain": {"question"}}
@@ -343,7 +347,7 @@ class VLMAnswerer:
         timings = {"prompt": time.perf_counter() - start}
 
         # 2. generate
-        def run(streamer: TextIteratorStreamer | None = None) -> tuple[torch.Tensor, float]:
+        def run(streamer: BaseStreamer | None = None) -> tuple[torch.Tensor, float]:
             new_ids, seconds = self._generate(prompt.inputs, max_new_tokens, do_sample, seed, streamer=streamer)
             return new_ids[0], seconds
 
@@ -352,8 +356,8 @@ class VLMAnswerer:
 
         if not stream and on_token is None:
             return finish(*run())
-        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        answer_stream = AnswerStream(lambda: run(streamer), streamer, finish, on_token)
+        streamer = _TokenQueue()
+        answer_stream = AnswerStream(lambda: run(streamer), streamer, self.processor.tokenizer, finish, on_token)
         if stream:
             return answer_stream
         for _ in answer_stream:  # on_token sees each chunk
@@ -394,7 +398,7 @@ class VLMAnswerer:
 
     @torch.inference_mode()
     def _generate(self, inputs, max_new_tokens: int, do_sample: bool, seed: int | None,
-                  streamer: TextIteratorStreamer | None = None) -> tuple[torch.Tensor, float]:
+                  streamer: BaseStreamer | None = None) -> tuple[torch.Tensor, float]:
         """(new token ids (batch, new) on the CPU, seconds)."""
         options: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample)
         if do_sample:
@@ -509,17 +513,49 @@ class VLMAnswerer:
         return answered[len(asked) : end + len(choice)]
 
 
+class _TokenQueue(BaseStreamer):
+    """``generate``'s streamer: hands each step's new token ids to the consumer (the prompt is skipped)."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[list[int] | None] = queue.Queue()
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # generate() puts the prompt first
+            self._prompt_seen = True
+            return
+        self._queue.put(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        self._queue.put(None)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        while (ids := self._queue.get()) is not None:
+            yield ids
+
+
+# Held back at the end of the settled text: whitespace (the answer is stripped, and the tokenizer's
+# clean-up may drop a space before punctuation) and U+FFFD (an undecodable byte, until text follows).
+_UNSETTLED = " \t\n\r\x0b\x0c\ufffd"
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece's byte fallback
+
+
 class AnswerStream:
     """An answer as it is generated: iterate for its text chunks, then read ``.result`` (AnswerOutput).
 
-    ``generate`` runs in a thread and feeds transformers' ``TextIteratorStreamer``; an exception raised
-    there is re-raised here, in the consumer. The chunks join to exactly ``result.text``: leading
-    whitespace is skipped and trailing whitespace held back until more text follows.
+    ``generate`` runs in a thread; an exception raised there is re-raised here, in the consumer.
+    The chunks join to exactly ``result.text``. Each step decodes the tokens so far up to the last
+    one whose text stands on its own, and yields what that adds: a token that holds part of a
+    character (a byte-fallback token, or bytes that decode to U+FFFD alone) can change how the
+    bytes before it decode, so text waits for the next whole token. Leading whitespace is skipped;
+    trailing whitespace is held back until more text follows.
     """
 
-    def __init__(self, generate: Callable[[], tuple[torch.Tensor, float]], streamer: TextIteratorStreamer,
+    def __init__(self, generate: Callable[[], tuple[torch.Tensor, float]], tokens: _TokenQueue, tokenizer: Any,
                  finish: Callable[[torch.Tensor, float], AnswerOutput], on_token: Callable[[str], None] | None):
-        self._streamer = streamer
+        self._tokens = tokens
+        self._tokenizer = tokenizer
+        self._whole: dict[int, bool] = {}
         self._finish = finish
         self._on_token = on_token
         self._generated: tuple[torch.Tensor, float] | None = None
@@ -534,26 +570,49 @@ class AnswerStream:
             self._generated = generate()
         except BaseException as error:  # handed to the consumer, which re-raises it
             self._error = error
-            self._streamer.end()  # wake the consumer
+            self._tokens.end()  # wake the consumer
+
+    def _stands_alone(self, token_id: int) -> bool:
+        whole = self._whole.get(token_id)
+        if whole is None:
+            token = self._tokenizer.convert_ids_to_tokens(token_id)
+            whole = not (isinstance(token, str) and _BYTE_TOKEN.fullmatch(token)) and (
+                "\ufffd" not in self._tokenizer.decode([token_id], skip_special_tokens=True))
+            self._whole[token_id] = whole
+        return whole
+
+    def _emit(self, chunk: str) -> str:
+        if self._on_token is not None:
+            self._on_token(chunk)
+        return chunk
 
     def __iter__(self) -> Iterator[str]:
         if self._iterated:
             raise GenerationError("An AnswerStream can be iterated only once; read its `.result` instead.")
         self._iterated = True
-        pending, started = "", False
-        for chunk in self._streamer:
-            text = pending + chunk if started else chunk.lstrip()
-            body = text.rstrip()
-            pending = text[len(body):]
-            if body:
-                started = True
-                if self._on_token is not None:
-                    self._on_token(body)
-                yield body
+        ids: list[int] = []
+        emitted, whole = "", 0  # whole: the tokens up to the last one that stands alone
+        for new_ids in self._tokens:
+            ids.extend(new_ids)
+            last = next((i + 1 for i in range(len(ids) - 1, whole - 1, -1) if self._stands_alone(ids[i])), whole)
+            if last == whole:
+                continue
+            whole = last
+            # decoded as the answer is (_output), so the settled text is a prefix of it
+            settled = self._tokenizer.decode(ids[:whole], skip_special_tokens=True).lstrip().rstrip(_UNSETTLED)
+            if len(settled) > len(emitted) and settled.startswith(emitted):
+                chunk, emitted = settled[len(emitted):], settled
+                yield self._emit(chunk)
         self._thread.join()
         if self._error is not None:
             raise self._error
         self._result = self._finish(*self._generated)
+        answer = self._result.text
+        if answer.startswith(emitted):
+            if len(answer) > len(emitted):
+                yield self._emit(answer[len(emitted):])
+        else:  # a decoder that rewrote settled text; the answer is still the full decode
+            logger.warning("The streamed chunks of this answer differ from its final text %r.", answer)
 
     @property
     def result(self) -> AnswerOutput:

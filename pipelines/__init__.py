@@ -17,9 +17,9 @@ _EXPORTS = {
     "build_answerer": "mmrag.pipelines.builders",
     "build_generator": "mmrag.pipelines.builders",
     "RAGVQAPipeline": "mmrag.pipelines.vqa",
-    "VQAOutput": "mmrag.pipelines.vqa",
+    "VQAOutput": "mmrag.pipelines.outputs",
     "EntityImagePipeline": "mmrag.pipelines.draw",
-    "ImageOutput": "mmrag.pipelines.draw",
+    "ImageOutput": "mmrag.pipelines.outputs",
     "make_sample_set": "mmrag.pipelines.dev.sample_data",
     "build_tiny_models": "mmrag.pipelines.dev.tiny_models",
 }

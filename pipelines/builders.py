@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from mmrag.retrievers import ConfigError, DualEncoder, KnowledgeBase
-from mmrag.retrievers.kb import MANIFEST_NAME
+from mmrag.retrievers.kb.manifest import MANIFEST_NAME
 
 from .config import TINY_PREFIX, Config
 

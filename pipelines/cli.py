@@ -47,7 +47,7 @@ def _add_output(p: argparse.ArgumentParser, what: str = "JSON") -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from mmrag import __version__
-    from mmrag.retrievers.retriever import CHANNELS, COMPOSED_METHODS, FUSIONS
+    from mmrag.retrievers.settings import CHANNELS, COMPOSED_METHODS, FUSIONS
 
     from .client_cli import add_server_arguments
 
@@ -481,7 +481,8 @@ def _cmd_draw(args) -> int:
     from mmrag.retrievers import ConfigError, Query
 
     from .builders import uses_tiny_models
-    from .draw import EntityImagePipeline, contact_sheet
+    from .draw import EntityImagePipeline
+    from .outputs import contact_sheet
     from .dev.report import TINY_NOTE, render_drawing, write_report
 
     _quiet_diffusers()

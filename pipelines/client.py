@@ -21,11 +21,10 @@ differ from the in-process results:
 - ``record.image`` is the absolute URL of the stored image (``GET /v1/records/{id}/image``), not a
   path on the server's disk; :meth:`Client.image` fetches it as the checked RGB picture that
   ``record.open_image()`` gives in process. References given with a draw keep their PIL image.
-- ``VQAOutput.prompt`` is ``""`` (the server does not send the prompt); a reference's ``rank`` is
-  its place in the prompt, and its ``metadata`` and ``scores`` are empty (the server sends id,
-  score, text and source path); ``dropped`` references carry their id only (score NaN).
-- Per-call retriever overrides are limited to ``channels``: the rest of the settings, the models
-  and the reranker are the server's config.
+- ``dropped`` references of an answer carry their id only (score NaN).
+- Per-call retriever overrides are limited to ``channels``, ``fusion``, ``composed_method`` and
+  ``hubness`` (``None`` or ``"none"``: off): the rest of the settings, the models and the reranker
+  are the server's config.
 
 Errors come back as the classes the library raises, so ``except ConfigError`` catches a bad
 argument wherever it was found: the server's ``{"error": {"type", "message", "param"}}`` becomes
@@ -58,16 +57,17 @@ from PIL import Image
 
 from mmrag.errors import MMRAGError
 
-if TYPE_CHECKING:  # imported on first use: `mmrag.retrievers` loads torch and chromadb today
+if TYPE_CHECKING:  # imported on first use (they bring numpy, 0.1 s): `Client(url)` alone stays instant
     from mmrag.retrievers import Hit, Hits, IngestReport, Record
 
-    from .draw import ImageOutput
-    from .vqa import VQAOutput, VQAStream
+    from .outputs import ImageOutput, VQAOutput, VQAStream
 
 __all__ = ["APIError", "AuthenticationError", "BusyError", "Client", "JobTimeoutError", "NotFoundError",
            "PermissionDeniedError", "ServerError", "ServerUnreachableError"]
 
 API_KEY_ENV = "MMRAG_API_KEY"
+# the retriever settings POST /v1/search takes (the server's schemas.SEARCH_OVERRIDES, without pydantic)
+SEARCH_OVERRIDES = ("channels", "fusion", "composed_method", "hubness")
 DEFAULT_TIMEOUT_S = 120.0  # the first call to a cold server loads its models
 DEFAULT_JOB_TIMEOUT_S = 3600.0
 # Uploads are split so that each request stays well under `mmrag serve`'s default body limit
@@ -246,21 +246,25 @@ class Client:
         text, an image (PIL, path or bytes), both (a :class:`Query`), or a stored record's image
         (``record_id``, with ``query`` as the modifier text or None).
 
-        ``overrides`` may only hold ``channels``: the server's config fixes the other retriever
-        settings. The server's stage seconds are added to ``timings``. ``record.image`` of each
+        ``overrides`` may hold ``channels``, ``fusion``, ``composed_method`` and ``hubness``: the
+        server's config fixes the other retriever settings. The server's stage seconds are added to ``timings``. ``record.image`` of each
         hit is the image's URL; :meth:`image` fetches it."""
         from mmrag.retrievers import Hits
 
         _check_int("k", k)
-        channels = overrides.pop("channels", None)
-        if overrides:
-            names = ", ".join(f"`{n}`" for n in sorted(overrides))
-            raise _config_error(f"{names} cannot be set per request over HTTP: POST /v1/search takes only "
-                                "`channels` of the retriever settings. Set it in the server's config (retriever.*), "
-                                "or search in process with SearchPipeline.")
+        unknown = sorted(set(overrides) - set(SEARCH_OVERRIDES))
+        if unknown:
+            names = ", ".join(f"`{n}`" for n in unknown)
+            raise _config_error(f"{names} cannot be set per request over HTTP: POST /v1/search takes "
+                                f"{', '.join(f'`{n}`' for n in SEARCH_OVERRIDES)} of the retriever settings. Set it "
+                                "in the server's config (retriever.*), or search in process with SearchPipeline.")
         body: dict[str, Any] = {"k": k, "where": where, "rerank": _check_bool("rerank", rerank)}
+        channels = overrides.pop("channels", None)
         if channels is not None:
             body["channels"] = [channels] if isinstance(channels, str) else list(channels)
+        if "hubness" in overrides and overrides["hubness"] is None:  # in process, None turns it off
+            overrides["hubness"] = "none"
+        body.update(overrides)
         body.update(self._query_fields(query, record_id))
         data = self._request("POST", "/v1/search", json=_drop_none(body)).json()
         if timings is not None:
@@ -318,7 +322,7 @@ class Client:
         the answer's text as the server generates it, then ``.result`` is the :class:`VQAOutput`.
 
         ``references`` (gold references) is not available over HTTP."""
-        from .vqa import VQAStream
+        from .outputs import VQAStream
 
         if references is not None:
             raise _config_error("`references` (gold references) cannot be given over HTTP: POST /v1/ask has no such "
@@ -650,34 +654,29 @@ class Client:
         return Hit(id=h["id"], record=self._record(h), score=float(h["score"]), scores=dict(h.get("scores") or {}),
                    rank=int(h["rank"]))
 
-    def _reference(self, ref: Mapping[str, Any], position: int, given: Image.Image | None = None) -> "Hit":
-        """A reference of an answer or a drawing (fewer fields than a search hit: see the module doc)."""
-        from mmrag.retrievers import Hit
-
-        record = self._record(ref)
-        if given is not None:
-            record = replace(record, image=given)
-        return Hit(id=ref["id"], record=record, score=float(ref["score"]), scores=dict(ref.get("scores") or {}),
-                   rank=int(ref.get("rank", position)))
+    def _reference(self, ref: Mapping[str, Any], given: Image.Image | None = None) -> "Hit":
+        """A reference of an answer or a drawing; one given with a draw keeps its PIL image."""
+        hit = self._hit(ref)
+        return hit if given is None else replace(hit, record=replace(hit.record, image=given))
 
     def _vqa_output(self, d: Mapping[str, Any]) -> "VQAOutput":
         from mmrag.retrievers import Hit, Record
 
-        from .vqa import VQAOutput
+        from .outputs import VQAOutput
 
-        references = [self._reference(r, i) for i, r in enumerate(d["references"], start=1)]
+        references = [self._reference(r) for r in d["references"]]
         by_id = {h.id: h for h in references}
         cited = [by_id[i] for i in d["cited"] if i in by_id]
         dropped = [Hit(id=i, record=Record(text="", id=i), score=math.nan) for i in d.get("dropped", [])]
-        return VQAOutput(answer=d["answer"], references=references, cited=cited, prompt=d.get("prompt", ""),
+        return VQAOutput(answer=d["answer"], references=references, cited=cited, prompt=d["prompt"],
                          no_retrieval=d["no_retrieval"], message=d["message"], choice=d["choice"],
                          choice_scores=d["choice_scores"], dropped=dropped, timings=dict(d["timings"]))
 
     def _image_output(self, d: Mapping[str, Any], given: list[Image.Image] | None) -> "ImageOutput":
-        from .draw import ImageOutput
+        from .outputs import ImageOutput
 
-        references = [self._reference(r, i, given[i - 1] if given is not None and i <= len(given) else None)
-                      for i, r in enumerate(d["references"], start=1)]
+        references = [self._reference(r, given[i] if given is not None and i < len(given) else None)
+                      for i, r in enumerate(d["references"])]
         return ImageOutput(images=[_decode_png(s) for s in d["images"]], references=references,
                            guidance=dict(d["guidance"]), fallback=d["fallback"], timings=dict(d["timings"]))
 

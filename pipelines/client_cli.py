@@ -5,7 +5,7 @@ Each function takes the command's parsed arguments (the parsers of ``pipelines/c
 answer, files, HTML report) from :class:`~mmrag.pipelines.client.Client` results, without loading a
 model in this process. The differences are where a server must differ: ``"image"`` in ``--json``
 output is the stored image's URL instead of a path on the server's disk, and flags that choose
-models or settings (``--config``, ``--device``, ``--fusion``, ``--rerank NAME``, ...) are refused
+models or settings (``--config``, ``--device``, ``--rerank NAME``, ...) are refused
 with a message, since the server's config decides them.
 """
 
@@ -22,7 +22,7 @@ from .client import Client
 # flag -> argparse dest of the flags that choose models, settings or a local KB: under --server the
 # server's config decides them, so giving one would silently not apply
 _LOCAL_FLAGS = {"--kb": "kb", "--url": "url", "--config": "config", "--device": "device", "--dtype": "dtype"}
-_SEARCH_SETTINGS = {"--fusion": "fusion", "--composed": "composed", "--hubness": "hubness", "--rerank": "rerank"}
+_SEARCH_SETTINGS = {"--rerank": "rerank"}  # --fusion, --composed and --hubness are sent with the request
 _ASK_SETTINGS = {"--rerank": "rerank", "--choice-format": "choice_format",
                  "--length-normalization": "length_normalization"}
 _DRAW_SETTINGS = {"--rerank": "rerank"}
@@ -52,7 +52,10 @@ def search_via_server(args: argparse.Namespace) -> int:
         raise ConfigError("Give a query: TEXT, --image PATH, or both.")
     query = Query(text=args.text, image=args.image, reference_text=args.reference_text)
     with client_for(args) as client:
-        hits = client.retrieve(query, k=args.k, where=_parse_where(args.where), channels=args.channels)
+        overrides = {"channels": args.channels, "fusion": args.fusion, "composed_method": args.composed,
+                     "hubness": args.hubness}
+        hits = client.retrieve(query, k=args.k, where=_parse_where(args.where),
+                               **{name: value for name, value in overrides.items() if value is not None})
         if hits.collapsed:
             print(f"note: {hits.collapsed} near-duplicate(s) left out (the server's "
                   "retriever.near_duplicate_threshold; null keeps them)", file=sys.stderr)
@@ -105,7 +108,7 @@ def draw_via_server(args: argparse.Namespace) -> int:
     from mmrag.retrievers import Query
 
     from .cli import _bar, _parse_where, print_drawing
-    from .draw import contact_sheet
+    from .outputs import contact_sheet
 
     _refuse_local_flags(args, "draw", {**_LOCAL_FLAGS, **_DRAW_SETTINGS})
     references = [Query.coerce(Query(image=r)).image for r in args.reference] if args.reference else None

@@ -10,33 +10,17 @@ from __future__ import annotations
 
 import inspect
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from PIL import Image
 
-from mmrag.generators import GenerationOutput, ReferenceDiffusionGenerator
+from mmrag.generators import ReferenceDiffusionGenerator
 from mmrag.retrievers import ConfigError, Hit, InvalidItemError, MultimodalRetriever, Query, Record
 
 from .config import Config, load_config
+from .outputs import ImageOutput
 from .search import SearchPipeline, require_records
-
-
-@dataclass
-class ImageOutput:
-    """Generated images and what grounded them.
-
-    ``references`` are the hits whose images conditioned the generation (empty: plain CFG, and
-    ``fallback`` says so); ``guidance`` is the guidance actually used, as a dict.
-    """
-
-    images: list[Image.Image]
-    references: list[Hit]
-    guidance: dict[str, Any]
-    fallback: str | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-    generation: GenerationOutput | None = None
 
 
 class EntityImagePipeline:
@@ -190,24 +174,3 @@ _PASSED_TO_GENERATOR = {"reference_texts"}
 def _check_positive_int(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ConfigError(f"`{name}` must be a positive integer, got {value!r}.")
-
-
-def contact_sheet(references: Sequence[Image.Image], results: Sequence[Image.Image], height: int = 256) -> Image.Image:
-    """References on the left, results on the right, one row, a gap between the two groups."""
-    def fit(im: Image.Image) -> Image.Image:
-        im = im.convert("RGB")
-        return im.resize((max(1, round(im.width * height / im.height)), height))
-
-    refs, outs = [fit(r) for r in references], [fit(r) for r in results]
-    gap, pad = 24, 4
-    width = sum(i.width + pad for i in refs) + (gap if refs else 0) + sum(i.width + pad for i in outs)
-    sheet = Image.new("RGB", (max(width, 1), height), (255, 255, 255))
-    x = 0
-    for im in refs:
-        sheet.paste(im, (x, 0))
-        x += im.width + pad
-    x += gap if refs else 0
-    for im in outs:
-        sheet.paste(im, (x, 0))
-        x += im.width + pad
-    return sheet

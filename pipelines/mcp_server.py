@@ -38,7 +38,7 @@ from typing_extensions import TypedDict
 from mmrag.errors import MMRAGError
 from mmrag.retrievers import ConfigError, Hit, Query
 from mmrag.retrievers.errors import MissingExtraError
-from mmrag.retrievers.retriever import CHANNELS
+from mmrag.retrievers.settings import CHANNELS
 
 if TYPE_CHECKING:
     from mcp.server.mcpserver import MCPServer

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from PIL import Image
 
@@ -20,48 +19,8 @@ from mmrag.generators.vlm import AnswerOutput, Reference, VLMAnswerer
 from mmrag.retrievers import ConfigError, Hit, InvalidItemError, KnowledgeBaseError, MultimodalRetriever, Query, Record
 
 from .config import Config, load_config
+from .outputs import VQAOutput, VQAStream
 from .search import SearchPipeline, require_records
-
-
-@dataclass
-class VQAOutput:
-    """The answer and how it was reached.
-
-    ``references`` are the hits put in the prompt, in prompt order ([1]..[k]); ``cited`` the ones
-    the answer cites; ``no_retrieval`` is true when the VLM answered without references (none
-    retrieved, none strong enough, or ``references=[]``), and ``message`` says why.
-    """
-
-    answer: str
-    references: list[Hit]
-    cited: list[Hit]
-    prompt: str
-    no_retrieval: bool = False
-    message: str | None = None
-    choice: str | None = None
-    choice_scores: list[float] | None = None
-    dropped: list[Hit] = field(default_factory=list)  # left out: the prompt would not fit the model
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        ref = lambda h: {"id": h.id, "score": h.score, "text": h.record.text, "source_path": h.record.source_path,
-                         "image": h.record.image}
-        return {"answer": self.answer, "choice": self.choice, "choice_scores": self.choice_scores,
-                "references": [ref(h) for h in self.references], "cited": [h.id for h in self.cited],
-                "no_retrieval": self.no_retrieval, "message": self.message,
-                "dropped": [h.id for h in self.dropped], "timings": self.timings}
-
-
-class VQAStream:
-    """Iterate to get the answer's text as it is generated; then ``.result`` is the VQAOutput."""
-
-    def __init__(self, chunks: Iterator[str], finish):
-        self._chunks, self._finish = chunks, finish
-        self.result: VQAOutput | None = None
-
-    def __iter__(self) -> Iterator[str]:
-        yield from self._chunks
-        self.result = self._finish()
 
 
 class RAGVQAPipeline:

@@ -1,53 +1,38 @@
-"""Knowledge base, encoders, ingestion and retrieval for mmrag."""
+"""Knowledge base, encoders, ingestion and retrieval for mmrag.
 
-from .encoders import DualEncoder
-from .errors import (
-    ConfigError,
-    EmbedderMismatchError,
-    InvalidItemError,
-    KnowledgeBaseError,
-    KnowledgeBaseLockedError,
-    MissingExtraError,
-    MMRAGError,
-    ModelLoadError,
-    NotAKnowledgeBaseError,
-    SchemaVersionError,
-    UnsafePathError,
-    WriteRefusedError,
+Names load on first use (PEP 562): ``from mmrag.retrievers import Hit`` imports the query module
+alone, so a client or the command line can use the output classes without torch or Chroma.
+"""
+
+from __future__ import annotations
+
+from mmrag._lazy import lazy_exports
+
+_ERRORS = (
+    "ConfigError", "EmbedderMismatchError", "InvalidItemError", "KnowledgeBaseError",
+    "KnowledgeBaseLockedError", "MissingExtraError", "MMRAGError", "ModelLoadError",
+    "NotAKnowledgeBaseError", "SchemaVersionError", "UnsafePathError", "WriteRefusedError",
 )
-from .kb import KnowledgeBase
-from .query import Hit, Hits, Query
-from .kb.records import IngestReport, Record, Rejection
-from .rerank import CrossEncoderReranker, DualEncoderReranker, Reranker, VLMReranker, reranker_from_config
-from .retriever import CHANNELS, MultimodalRetriever, RetrieverSettings
+_EXPORTS = {
+    **{name: "mmrag.retrievers.errors" for name in _ERRORS},
+    "DualEncoder": "mmrag.retrievers.encoders",
+    "KnowledgeBase": "mmrag.retrievers.kb.knowledge_base",
+    "Hit": "mmrag.retrievers.query",
+    "Hits": "mmrag.retrievers.query",
+    "Query": "mmrag.retrievers.query",
+    "IngestReport": "mmrag.retrievers.kb.records",
+    "Record": "mmrag.retrievers.kb.records",
+    "Rejection": "mmrag.retrievers.kb.records",
+    "CrossEncoderReranker": "mmrag.retrievers.rerank",
+    "DualEncoderReranker": "mmrag.retrievers.rerank",
+    "Reranker": "mmrag.retrievers.rerank",
+    "VLMReranker": "mmrag.retrievers.rerank",
+    "reranker_from_config": "mmrag.retrievers.rerank",
+    "CHANNELS": "mmrag.retrievers.settings",
+    "RetrieverSettings": "mmrag.retrievers.settings",
+    "MultimodalRetriever": "mmrag.retrievers.retriever",
+}
 
-__all__ = [
-    "CHANNELS",
-    "ConfigError",
-    "CrossEncoderReranker",
-    "DualEncoder",
-    "DualEncoderReranker",
-    "EmbedderMismatchError",
-    "Hit",
-    "Hits",
-    "IngestReport",
-    "InvalidItemError",
-    "KnowledgeBase",
-    "KnowledgeBaseError",
-    "KnowledgeBaseLockedError",
-    "MMRAGError",
-    "MissingExtraError",
-    "ModelLoadError",
-    "MultimodalRetriever",
-    "NotAKnowledgeBaseError",
-    "Query",
-    "Record",
-    "Rejection",
-    "Reranker",
-    "RetrieverSettings",
-    "SchemaVersionError",
-    "UnsafePathError",
-    "VLMReranker",
-    "WriteRefusedError",
-    "reranker_from_config",
-]
+__all__ = sorted(_EXPORTS)
+
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)

@@ -10,7 +10,8 @@ from PIL import Image, ImageDraw
 
 from mmrag.generators import ReferenceDiffusionGenerator
 from mmrag.pipelines.cli import main
-from mmrag.pipelines.draw import EntityImagePipeline, contact_sheet
+from mmrag.pipelines.draw import EntityImagePipeline
+from mmrag.pipelines.outputs import contact_sheet
 from mmrag.retrievers import ConfigError, DualEncoder, KnowledgeBase, MultimodalRetriever, Record
 
 STEPS = 3

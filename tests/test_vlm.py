@@ -5,7 +5,6 @@ streaming, batching and seeded sampling."""
 
 from __future__ import annotations
 
-import re
 
 import numpy as np
 import pytest
@@ -75,7 +74,13 @@ def _force_cycle(monkeypatch, answerer: VLMAnswerer, cycle: str) -> None:
     every other token is suppressed, the first step may only take the first character, and each
     character's token biases the next one's by +100 (the generation config's own logits processors)."""
     tokenizer = answerer.processor.tokenizer
-    ids = [next(i for i in range(len(tokenizer)) if tokenizer.decode([i]) == c) for c in cycle]
+    _force_id_cycle(monkeypatch, answerer, [next(i for i in range(len(tokenizer)) if tokenizer.decode([i]) == c)
+                                            for c in cycle])
+
+
+def _force_id_cycle(monkeypatch, answerer: VLMAnswerer, ids: list[int]) -> None:
+    """:func:`_force_cycle` by token id: greedy generation writes ``ids`` (distinct) over and over."""
+    tokenizer = answerer.processor.tokenizer
     config = answerer.model.generation_config
     monkeypatch.setattr(config, "suppress_tokens", [i for i in range(len(tokenizer)) if i not in ids])
     monkeypatch.setattr(config, "begin_suppress_tokens", ids[1:])
@@ -369,17 +374,7 @@ def test_answers_equal_the_raw_models_generate(answerer, raw):
 
 
 # -------------------------------------------------------------------------- streaming and batching
-@pytest.fixture()
-def no_byte_tokens(answerer, monkeypatch):
-    """Random weights often emit byte-fallback tokens, and a run of them that is not valid UTF-8 decodes
-    to replacement characters that rewrite text already streamed (tokenizers' ByteFallback replaces the
-    whole run); no incremental decoder can stream that, and real models write valid UTF-8."""
-    vocab = answerer.processor.tokenizer.get_vocab()
-    byte_ids = [i for token, i in vocab.items() if re.fullmatch(r"<0x[0-9A-F]{2}>", token)]
-    monkeypatch.setattr(answerer.model.generation_config, "suppress_tokens", byte_ids)
-
-
-def test_stream_yields_the_answer_text(answerer, no_byte_tokens):
+def test_stream_yields_the_answer_text(answerer):
     expected = answerer.answer(QUESTION, QUERY, REFERENCES, max_new_tokens=12)
     stream = answerer.answer(QUESTION, QUERY, REFERENCES, max_new_tokens=12, stream=True)
     with pytest.raises(GenerationError, match="iterate"):
@@ -399,6 +394,21 @@ def test_stream_chunks_join_to_the_stripped_answer(llava, monkeypatch):
     expected = llava.answer(QUESTION, QUERY, REFERENCES[:2], max_new_tokens=9)
     assert expected.text == "[2]\n[2]"  # generated "\n[2]\n[2]\n"
     assert "".join(llava.answer(QUESTION, QUERY, REFERENCES[:2], max_new_tokens=9, stream=True)) == expected.text
+
+
+def test_stream_joins_to_the_answer_when_byte_tokens_split_or_break_characters(llava, monkeypatch):
+    # Byte-fallback tokens: "É" arrives as <0xC3> <0x89>; <0x18> then a stray <0xA9> is a run that is not
+    # UTF-8, which the tokenizer's ByteFallback decodes to U+FFFD per byte, rewriting the "\x18" that a
+    # decoder of the text so far would already have streamed.
+    tokenizer = llava.processor.tokenizer
+    ids = tokenizer.convert_tokens_to_ids(["\u2581a", "<0xC3>", "<0x89>", "<0x18>", "<0xA9>", "\u2581c"])
+    _force_id_cycle(monkeypatch, llava, ids)
+    answer = llava.answer(QUESTION, QUERY, REFERENCES[:2], max_new_tokens=15)
+    assert answer.text == tokenizer.decode(ids * 2 + ids[:3], skip_special_tokens=True).strip()
+    assert "É" in answer.text and "\ufffd\ufffd" in answer.text  # the forced tokens came out
+    chunks = list(stream := llava.answer(QUESTION, QUERY, REFERENCES[:2], max_new_tokens=15, stream=True))
+    assert len(chunks) > 1 and "".join(chunks) == stream.result.text == answer.text
+    assert not any(c == "\x18" for text in chunks for c in text)  # never streamed, then rewritten
 
 
 def test_stream_reraises_the_generation_error(llava, monkeypatch):

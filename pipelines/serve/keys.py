@@ -31,7 +31,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from mmrag.retrievers.errors import ConfigError, KnowledgeBaseError, NotAKnowledgeBaseError
-from mmrag.retrievers.kb import MANIFEST_NAME
+from mmrag.retrievers.kb.manifest import MANIFEST_NAME
 
 from .errors import NotFoundError
 

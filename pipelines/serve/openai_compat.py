@@ -32,7 +32,7 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from ..vqa import VQAOutput
+from ..outputs import VQAOutput
 from .auth import Authenticator
 from .errors import InvalidRequestError, error_status
 from .payloads import decode_base64, load_image

@@ -23,8 +23,8 @@ from .auth import Authenticator
 from .errors import InvalidRequestError, error_status
 from .jobs import Job, JobRunner
 from .payloads import decode_base64, load_image, read_body
-from .schemas import (AskForm, AskRequest, AskResponse, DrawRequest, DrawResponse, JobAccepted, JobStatus, SearchForm,
-                      SearchRequest, SearchResponse, json_body, json_or_form)
+from .schemas import (AskForm, AskRequest, AskResponse, DrawRequest, DrawResponse, JobAccepted, JobStatus,
+                      SEARCH_OVERRIDES, SearchForm, SearchRequest, SearchResponse, json_body, json_or_form)
 from .service import EventQueue, Service
 from .views import ask_out, draw_out, search_out
 
@@ -64,7 +64,8 @@ def build_router(service: Service, jobs: JobRunner, auth: Authenticator, request
         config names a reranker: `SearchPipeline`, as `mmrag search`."""
         image = query_image(service, body.image, body.record_id)
         query = Query.coerce(Query(text=body.text, image=image, reference_text=body.reference_text))
-        hits, timings = service.search(query, body.k, body.where, body.rerank, body.channels)
+        overrides = {name: getattr(body, name) for name in SEARCH_OVERRIDES if getattr(body, name) is not None}
+        hits, timings = service.search(query, body.k, body.where, body.rerank, overrides)
         return search_out(hits, timings)
 
     @router.post("/ask", response_model=AskResponse, dependencies=read, summary="Answer a question about an image",

@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.json_schema import models_json_schema
 
 from mmrag.generators.guidance import GUIDANCES
-from mmrag.retrievers.retriever import CHANNELS
+from mmrag.retrievers.hubness import METHODS as HUBNESS_METHODS
+from mmrag.retrievers.settings import CHANNELS, COMPOSED_METHODS, FUSIONS
 
 MAX_K = 100  # hits or references per request
 MAX_STEPS = 200
@@ -26,6 +27,11 @@ MAX_PAGE = 1000  # records per page of GET /v1/records
 
 Channel = Literal[tuple(CHANNELS)]  # type: ignore[valid-type]
 GuidanceName = Literal[tuple(GUIDANCES)]  # type: ignore[valid-type]
+Fusion = Literal[tuple(FUSIONS)]  # type: ignore[valid-type]
+ComposedMethod = Literal[tuple(COMPOSED_METHODS)]  # type: ignore[valid-type]
+Hubness = Literal[(*HUBNESS_METHODS, "none")]  # type: ignore[valid-type]
+# the retriever settings a search request may set; the rest (and the models) are the server's config
+SEARCH_OVERRIDES = ("channels", "fusion", "composed_method", "hubness")
 
 IMAGE_DOC = ("base64 of an encoded image (JPEG, PNG, WebP, GIF, BMP or TIFF), or a data: URL; it gets the checks "
              "an ingested image gets (format allow-list, pixel and aspect-ratio limits)")
@@ -89,6 +95,12 @@ class _SearchFields(_QueryFields):
     channels: list[Channel] | None = Field(None, description="restrict to these channels (default: all the query "
                                                              "allows)", max_length=len(CHANNELS))
     k: int = Field(10, ge=1, le=MAX_K, description="number of hits")
+    fusion: Fusion | None = Field(None, description="rrf (reciprocal rank fusion) or weighted (scaled scores); "
+                                                    "default: the server's retriever.fusion")
+    composed_method: ComposedMethod | None = Field(None, description="for image + text: weimocir, pdv or cirevl; "
+                                                                     "default: the server's retriever.composed_method")
+    hubness: Hubness | None = Field(None, description="hubness normalisation: qbnorm, dbnorm, or none (off); "
+                                                      "default: the server's retriever.hubness")
 
 
 class SearchRequest(_SearchFields):
@@ -142,9 +154,12 @@ class SearchResponse(_Response):
 
 class ReferenceOut(_Response):
     id: str
+    rank: int = Field(description="1-based, in the order the pipeline ranked the references")
     score: float
+    scores: dict[str, float] = Field(description="each channel's own score, and 'rerank'")
     text: str
     source_path: str | None
+    metadata: dict[str, Any]
     image_url: str | None = Field(description="null for an image given with the request")
 
 
@@ -156,6 +171,7 @@ class AskResponse(_Response):
     choice_scores: list[float] | None
     references: list[ReferenceOut] = Field(description="in prompt order, [1]..[k]")
     cited: list[str] = Field(description="ids of the references the answer cites")
+    prompt: str = Field(description="the prompt the VLM was given, its images as the model's placeholders")
     no_retrieval: bool
     message: str | None
     dropped: list[str] = Field(description="ids left out because the prompt would not fit the model")

@@ -125,9 +125,16 @@ class Service:
         return Query.coerce(Query(image=self.record(record_id).image)).image
 
     def search(self, query: Query, k: int, where: dict | None, rerank: bool,
-               channels: list[str] | None) -> tuple[Hits, dict[str, float]]:
+               overrides: dict[str, Any]) -> tuple[Hits, dict[str, float]]:
+        """``overrides``: retriever settings of this request only (``channels``, ``fusion``,
+        ``composed_method``, ``hubness``; ``hubness="none"`` turns a configured one off)."""
         timings: dict[str, float] = {}
-        overrides = {"channels": tuple(channels)} if channels else {}
+        overrides = dict(overrides)
+        if "channels" in overrides:  # an empty list: every channel the query allows, as when left out
+            channels = tuple(overrides.pop("channels"))
+            overrides.update({"channels": channels} if channels else {})
+        if overrides.get("hubness") == "none":
+            overrides["hubness"] = None
         with self.model_lock:
             hits = self.search_pipeline(query, k=k, where=where, rerank=rerank, timings=timings, **overrides)
         return hits, timings

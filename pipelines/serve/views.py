@@ -13,8 +13,7 @@ from PIL import Image
 
 from mmrag.retrievers import Hit, IngestReport, Record
 
-from ..draw import ImageOutput
-from ..vqa import VQAOutput
+from ..outputs import ImageOutput, VQAOutput
 from .schemas import AskResponse, DrawResponse, HitOut, IngestReportOut, RecordOut, ReferenceOut, SearchResponse
 
 GIVEN_PREFIX = "given-"  # the ids the pipelines give references passed with a request
@@ -35,8 +34,9 @@ def search_out(hits, timings: dict[str, float]) -> SearchResponse:
 
 
 def reference_out(hit: Hit, given: bool = False) -> ReferenceOut:
-    return ReferenceOut(id=hit.id, score=hit.score, text=hit.record.text, source_path=hit.record.source_path,
-                        image_url=None if given else image_url(hit.id))
+    r = hit.record
+    return ReferenceOut(id=hit.id, rank=hit.rank, score=hit.score, scores=hit.scores, text=r.text,
+                        source_path=r.source_path, metadata=r.metadata, image_url=None if given else image_url(hit.id))
 
 
 def ask_out(out: VQAOutput) -> AskResponse:

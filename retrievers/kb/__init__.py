@@ -1,7 +1,18 @@
 """Storage: the knowledge base, its image store and Chroma collections, the write journal,
-ingestion sources, image checks and records."""
+ingestion sources, image checks and records. Names load on first use (PEP 562)."""
 
-from .knowledge_base import MANIFEST_NAME, KnowledgeBase
-from .records import IngestReport, Record, Rejection
+from __future__ import annotations
 
-__all__ = ["MANIFEST_NAME", "IngestReport", "KnowledgeBase", "Record", "Rejection"]
+from mmrag._lazy import lazy_exports
+
+_EXPORTS = {
+    "MANIFEST_NAME": "mmrag.retrievers.kb.manifest",
+    "KnowledgeBase": "mmrag.retrievers.kb.knowledge_base",
+    "IngestReport": "mmrag.retrievers.kb.records",
+    "Record": "mmrag.retrievers.kb.records",
+    "Rejection": "mmrag.retrievers.kb.records",
+}
+
+__all__ = sorted(_EXPORTS)
+
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)

@@ -14,12 +14,14 @@ import os
 import re
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mmrag import __version__
 
-from ..encoders import DualEncoder, normalize_model_id
 from ..errors import ConfigError, EmbedderMismatchError, NotAKnowledgeBaseError, SchemaVersionError
+
+if TYPE_CHECKING:  # the encoder module imports torch; reading a manifest must not
+    from ..encoders import DualEncoder
 
 MANIFEST_NAME = "mmrag-kb.json"
 SCHEMA_VERSION = 1
@@ -42,6 +44,8 @@ def is_unfinished_creation(path: Path) -> bool:
 
 
 def new_manifest(embedder: DualEncoder, url: str | None) -> dict:
+    from ..encoders import normalize_model_id  # an embedder exists, so torch is loaded already
+
     kb_id = uuid.uuid4().hex
     # In server mode many KBs share one Chroma; unique collection names keep them apart.
     prefix = "mmrag" if url is None else f"mmrag-{kb_id[:12]}"
