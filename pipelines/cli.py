@@ -45,6 +45,30 @@ def _add_output(p: argparse.ArgumentParser, what: str = "JSON") -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it is drawn only on a terminal)")
 
 
+def add_ray_arguments(p: argparse.ArgumentParser, actors: str, cpus_default: str) -> None:
+    """``--ray [ADDRESS]``, ``--concurrency``, ``--num-gpus`` and ``--num-cpus`` (the ``mmrag[ray]`` extra)."""
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="run on Ray Data: alone, a local Ray; or a cluster's address ('auto', 'ray://HOST:10001'); "
+                        "extra: mmrag[ray]")
+    p.add_argument("--concurrency", type=int, default=1, metavar="N", help=f"with --ray: {actors} (default 1)")
+    p.add_argument("--num-gpus", type=float, metavar="N",
+                   help="with --ray: GPUs per actor (default: 1 where the cluster has GPUs and --device is not cpu)")
+    p.add_argument("--num-cpus", type=float, metavar="N",
+                   help=f"with --ray: CPUs per actor, also its torch threads (default: {cpus_default})")
+
+
+def ray_address(args: argparse.Namespace) -> str | None:
+    """The Ray address of ``--ray`` (None: start a local Ray); ray options without ``--ray`` are refused."""
+    from mmrag.retrievers import ConfigError
+
+    if args.ray is None:
+        given = [flag for flag, value in (("--concurrency", args.concurrency != 1), ("--num-gpus", args.num_gpus),
+                                          ("--num-cpus", args.num_cpus)) if value is not None and value is not False]
+        if given:
+            raise ConfigError(f"`{given[0]}` applies to Ray runs only: add `--ray` (a local Ray) or `--ray ADDRESS`.")
+    return None if args.ray in (None, "local") else args.ray
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mmrag import __version__
     from mmrag.retrievers.settings import CHANNELS, COMPOSED_METHODS, FUSIONS
@@ -68,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", metavar="FILE", help="write the full report as JSONL here (default: KB/reports/)")
     p.add_argument("--allow-remote", action="store_true", default=None, help="fetch http(s) image URLs in manifests")
     p.add_argument("--lock-timeout", type=float, metavar="S", help="wait this many seconds for another writer")
+    add_ray_arguments(p, "embedding actors (each holds one copy of the embedder)",
+                      "1 while that leaves a CPU for the read tasks")
     _add_output(p, "the report summary as JSON")
 
     kb = sub.add_parser("kb", help="inspect a knowledge base").add_subparsers(
@@ -162,11 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output(p)
 
     from .mcp_server import add_mcp_parser
+    from .scale.batch import add_batch_parser
     from .serve.commands import add_keys_parser, add_serve_parser
 
     add_mcp_parser(sub, [models])
     add_serve_parser(sub, [models])
     add_keys_parser(sub, [plain])
+    add_batch_parser(sub, models, _add_kb)
 
     p = sub.add_parser("tiny-models", parents=[plain], help="build the tiny offline models into DIR")
     p.add_argument("directory", metavar="DIR", help="where to write them (one folder per model)")
@@ -298,9 +326,17 @@ def _cmd_ingest(args) -> int:
                            "ingest.report": args.report})
     # a bad source (or --base-dir) fails before any model loads
     iter_source(args.source, allow_remote=cfg.kb.allow_remote, base_dir=args.base_dir)
+    address = ray_address(args)
     kb = open_knowledge_base(cfg)
-    report = kb.ingest(args.source, batch_size=cfg.ingest.batch_size, base_dir=args.base_dir,
-                       progress=not args.no_progress and sys.stderr.isatty())
+    progress = not args.no_progress and sys.stderr.isatty()
+    if args.ray is not None:
+        from .scale.ingest import ray_ingest
+
+        report = ray_ingest(kb, args.source, address=address, concurrency=args.concurrency, num_gpus=args.num_gpus,
+                            num_cpus=args.num_cpus, batch_size=cfg.ingest.batch_size, base_dir=args.base_dir,
+                            progress=progress)
+    else:
+        report = kb.ingest(args.source, batch_size=cfg.ingest.batch_size, base_dir=args.base_dir, progress=progress)
     report_path = Path(cfg.ingest.report) if cfg.ingest.report else (
         kb.path / "reports" / f"ingest-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
     report.write_jsonl(report_path)
@@ -313,6 +349,12 @@ def _cmd_ingest(args) -> int:
         print(f"mmrag ingest: error: all {report.seen} items were rejected; see {report_path}", file=sys.stderr)
         return EXIT_ERROR
     return 0
+
+
+def _cmd_batch(args) -> int:
+    from .scale.batch import cmd_batch
+
+    return cmd_batch(args)
 
 
 def _cmd_kb(args) -> int:
@@ -607,7 +649,7 @@ def _cmd_mcp(args) -> int:
     return cmd_mcp(args)
 
 
-_COMMANDS = {"ingest": _cmd_ingest, "kb": _cmd_kb, "search": _cmd_search, "ask": _cmd_ask, "draw": _cmd_draw, "eval": _cmd_eval, "tiny-models": _cmd_tiny_models, "demo": _cmd_demo, "env": _cmd_env, "mcp": _cmd_mcp, "serve": _cmd_serve, "keys": _cmd_keys}
+_COMMANDS = {"ingest": _cmd_ingest, "kb": _cmd_kb, "search": _cmd_search, "ask": _cmd_ask, "draw": _cmd_draw, "eval": _cmd_eval, "tiny-models": _cmd_tiny_models, "demo": _cmd_demo, "env": _cmd_env, "mcp": _cmd_mcp, "serve": _cmd_serve, "keys": _cmd_keys, "batch": _cmd_batch}
 
 if __name__ == "__main__":
     sys.exit(main())

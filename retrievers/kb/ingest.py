@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
@@ -22,14 +23,14 @@ from ..errors import EmbedderMismatchError, InvalidItemError, WriteRefusedError
 from .images import PreparedImage, prepare_image
 from .records import IngestReport, Rejection, SourceItem, content_id
 from .sources import prepare_text
-from .store import IMAGE_KEY, SHA_KEY, SOURCE_PATH_KEY, check_text, encode_metadata
+from .store import IMAGE_KEY, SHA_KEY, SOURCE_PATH_KEY, ImageStore, check_text, encode_metadata
 
 if TYPE_CHECKING:
     from .knowledge_base import KnowledgeBase
 
 
 @dataclass
-class _Prepared:
+class PreparedItem:
     """A validated item: normalised image and text, ready to embed."""
 
     ref: str
@@ -57,7 +58,7 @@ class _Write:
     """One record to write: ``new`` when the KB lacked its id at lookup (written with Chroma's
     faster ``add`` unless ``upsert``), ``old_image`` the image an update releases."""
 
-    item: _Prepared
+    item: PreparedItem
     new: bool
     old_image: str | None
     upsert: bool = False
@@ -76,17 +77,14 @@ class Ingestion:
         report = self.report
         for prepared, rejected, notes, seconds in prefetch(self.prepare_batches(items, self.label, batch_size)):
             report.time("prepare", seconds)
-            report.rejected.extend(rejected)
-            for note in notes:
-                report.note(note)
-            self.write(prepared, report, self._seen)
+            self.consume(prepared, rejected, notes)
             bar(len(prepared) + len(rejected))
         return report
 
     def prepare_batches(self, items: Iterator[SourceItem], label: str, batch_size: int):
         """Yield ``(prepared, rejected, notes, seconds)`` per batch. Runs in a worker thread
         (decoding overlaps embedding), so it touches no shared state."""
-        prepared: list[_Prepared] = []
+        prepared: list[PreparedItem] = []
         rejected: list[Rejection] = []
         notes: list[str] = []
         start = time.perf_counter()
@@ -105,29 +103,23 @@ class Ingestion:
         if prepared or rejected:
             yield prepared, rejected, notes, time.perf_counter() - start
 
-    def _prepare(self, item: SourceItem, label: str) -> _Prepared:
-        if item.error is not None:
-            raise InvalidItemError(item.error)
-        text = prepare_text(item.text, max_chars=self.kb.max_text_chars)
-        if item.image is None:
-            raise InvalidItemError("no image")
-        image = prepare_image(item.image, max_pixels=self.kb.max_image_pixels)
-        if item.id is not None and (not isinstance(item.id, str) or not item.id.strip() or len(item.id) > 512):
-            raise InvalidItemError(f"`id` must be a non-empty string of at most 512 characters, got {item.id!r}")
-        record_id = item.id if item.id is not None else content_id(image.sha256, text)
-        source = item.source or label
-        try:
-            check_text("`id`", record_id)
-            check_text("text", text)
-            metadata = encode_metadata(item.metadata or {}, image=self.kb.images.relpath(image.sha256, image.ext),
-                                       sha256=image.sha256, source=source, source_path=item.source_path)
-        except ValueError as e:
-            raise InvalidItemError(str(e)) from None
-        return _Prepared(ref=item.ref, source=source, id=record_id, text=text, image=image, metadata=metadata)
+    def _prepare(self, item: SourceItem, label: str) -> PreparedItem:
+        return prepare_item(item, label, max_text_chars=self.kb.max_text_chars, max_image_pixels=self.kb.max_image_pixels)
 
-    def write(self, batch: list[_Prepared], report: IngestReport, seen: dict) -> None:
+    def consume(self, prepared: list[PreparedItem], rejected: list[Rejection], notes: list[str],
+                vectors: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> None:
+        """Write one batch prepared elsewhere (another thread, or Ray workers): its rejections
+        and notes go to the report, its items through :meth:`write`, embedded already when
+        ``vectors`` maps their ids to ``(image vector, text vector)``."""
+        self.report.rejected.extend(rejected)
+        for note in notes:
+            self.report.note(note)
+        self.write(prepared, self.report, self._seen, vectors)
+
+    def write(self, batch: list[PreparedItem], report: IngestReport, seen: dict,
+              vectors: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> None:
         # 1. drop repeats within this ingestion; a repeated user id with other content is an error
-        fresh: dict[str, _Prepared] = {}
+        fresh: dict[str, PreparedItem] = {}
         for p in batch:
             if p.id in seen:
                 content, first_ref = seen[p.id]
@@ -164,9 +156,9 @@ class Ingestion:
             todo.append(_Write(p, new=False, old_image=old_image))
         if not todo:
             return
-        # 3. embed
+        # 3. embed (what arrived embedded is not embedded again)
         t0 = time.perf_counter()
-        image_vectors, text_vectors = self._embed(todo, report)
+        image_vectors, text_vectors = self._vectors(todo, report, vectors or {})
         t1 = time.perf_counter()
         report.time("embed", t1 - t0)
         todo, image_vectors, text_vectors = self._drop_non_finite(todo, image_vectors, text_vectors, report)
@@ -185,6 +177,23 @@ class Ingestion:
                 else:
                     report.updated += 1
         report.time("write", time.perf_counter() - t1)
+
+    def _vectors(self, todo: list[_Write], report: IngestReport,
+                 given: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+        """``(image vectors, text vectors)`` in ``todo``'s order: ``given`` ones, the rest embedded here."""
+        missing = [w for w in todo if w.item.id not in given]
+        if len(missing) == len(todo):
+            return self._embed(todo, report)
+        embedded = dict(zip((w.item.id for w in missing), zip(*self._embed(missing, report)))) if missing else {}
+        rows = [given.get(w.item.id) or embedded[w.item.id] for w in todo]
+        image_vectors = np.stack([np.asarray(r[0], dtype=np.float32) for r in rows])
+        text_vectors = np.stack([np.asarray(r[1], dtype=np.float32) for r in rows])
+        if image_vectors.shape[1] != self.kb.dim or text_vectors.shape[1] != self.kb.dim:
+            raise EmbedderMismatchError(
+                f"The vectors given for this batch are {image_vectors.shape[1]}-d (images) and {text_vectors.shape[1]}-d "
+                f"(texts) but the knowledge base holds {self.kb.dim}-d vectors: embed with its model, "
+                f"{self.kb.manifest['embedder']['model_id']!r}.")
+        return image_vectors, text_vectors
 
     def _embed(self, todo: list[_Write], report: IngestReport) -> tuple[np.ndarray, np.ndarray]:
         embedder = self.kb.embedder
@@ -232,7 +241,7 @@ class Ingestion:
         return (self._store_isolating(retry[:mid], image_vectors[:mid], text_vectors[:mid])
                 + self._store_isolating(retry[mid:], image_vectors[mid:], text_vectors[mid:]))
 
-    def _store(self, todo: list[_Prepared], is_new: list[bool], release: list[str],
+    def _store(self, todo: list[PreparedItem], is_new: list[bool], release: list[str],
                image_vectors: np.ndarray, text_vectors: np.ndarray) -> None:
         """One journaled write; ``is_new``: written with ``add`` (the id was absent at lookup)."""
         new_images = sorted({p.metadata[IMAGE_KEY] for p in todo if not self.kb.images.path(p.metadata[IMAGE_KEY]).exists()})
@@ -245,6 +254,29 @@ class Ingestion:
             vectors={"images": image_vectors, "texts": text_vectors},
         )
         self.kb.journal.apply(recovering=False)
+
+
+def prepare_item(item: SourceItem, label: str, *, max_text_chars: int, max_image_pixels: int) -> PreparedItem:
+    """Validate and normalise one source item (raises :class:`InvalidItemError` with the reason).
+    A pure function of the item and the KB's limits, so Ray workers run it without the KB."""
+    if item.error is not None:
+        raise InvalidItemError(item.error)
+    text = prepare_text(item.text, max_chars=max_text_chars)
+    if item.image is None:
+        raise InvalidItemError("no image")
+    image = prepare_image(item.image, max_pixels=max_image_pixels)
+    if item.id is not None and (not isinstance(item.id, str) or not item.id.strip() or len(item.id) > 512):
+        raise InvalidItemError(f"`id` must be a non-empty string of at most 512 characters, got {item.id!r}")
+    record_id = item.id if item.id is not None else content_id(image.sha256, text)
+    source = item.source or label
+    try:
+        check_text("`id`", record_id)
+        check_text("text", text)
+        metadata = encode_metadata(item.metadata or {}, image=ImageStore.relpath(image.sha256, image.ext),
+                                   sha256=image.sha256, source=source, source_path=item.source_path)
+    except ValueError as e:
+        raise InvalidItemError(str(e)) from None
+    return PreparedItem(ref=item.ref, source=source, id=record_id, text=text, image=image, metadata=metadata)
 
 
 def prefetch(gen: Iterator, depth: int = 2) -> Iterator:

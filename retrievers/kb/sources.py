@@ -110,6 +110,17 @@ def iter_source(
     return _iter_paths(kinds, fetch, base)
 
 
+def source_parts(source: Any, *, base_dir: str | os.PathLike | None = None) -> list[tuple[Path, str]] | None:
+    """The paths ``source`` names with their kinds (``"folder"``, ``"jsonl"``, ``"csv"``, ``"tar"``),
+    checked as :func:`iter_source` checks them; None for an iterable of records. Reading each path
+    alone, in order, with the same ``base_dir`` gives what ``iter_source(source)`` gives, which is
+    how distributed ingestion splits a source (a shard per task)."""
+    paths = _source_paths(source)
+    kinds = None if paths is None else [(path, _kind(path)) for path in paths]
+    _base_dir(base_dir, source, kinds)
+    return kinds
+
+
 def count_source(source: Any) -> int | None:
     """The number of items :func:`iter_source` gives for ``source``, found cheaply (no image is
     read, no JSON parsed), for a progress bar's total; None when it is not known in advance.

@@ -62,7 +62,9 @@ class ImageStore:
         self.tmp = self.root / ".tmp"  # where writes go before their rename (cleaned under the writer lock)
         self._made: set[str] = set()  # folders known to exist (saves a syscall per image)
 
-    def relpath(self, sha256: str, ext: str) -> str:
+    @staticmethod
+    def relpath(sha256: str, ext: str) -> str:
+        """Where an image of this content lives in any store (the same in every KB)."""
         return f"{sha256[:2]}/{sha256}{ext}"
 
     def is_safe(self, relpath: Any) -> bool:
