@@ -170,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, help="references per prompt (default: draw.k)")
     p.add_argument("--steps", type=int, help="denoising steps (default: draw.num_inference_steps)")
     p.add_argument("--seed", type=int, default=0, help="random seed shared by every guidance (default 0)")
+    add_ray_arguments(p, "drawing actors (each holds the models)", "1; as many as this process's torch threads "
+                      "repeat its drawings exactly")
+    p.add_argument("--runs", metavar="DIR", help="with --ray: the batch jobs' folder, resumed when run again "
+                                                 "(default: beside the prompts, PROMPTS.runs/)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="with --ray: drawings per batch (default 8)")
     _add_output(p)
 
     p = ev.add_parser("vqa", parents=[models], help="accuracy with no retrieval, gold references and retrieved references")
@@ -177,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, metavar="FILE.jsonl", help="image, question, answers or choices+answer")
     p.add_argument("-k", type=int, help="references per question (default: vqa.k)")
     p.add_argument("--predictions", metavar="FILE.jsonl", help="where to write predictions (default: beside the dataset)")
+    add_ray_arguments(p, "answering actors (each holds the models)", "1; as many as this process's torch threads "
+                      "repeat its answers exactly")
+    p.add_argument("--runs", metavar="DIR", help="with --ray: the batch job's folder, resumed when run again "
+                                                 "(default: beside the predictions, PREDICTIONS.runs/)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="with --ray: runs per batch (default 8)")
     _add_output(p)
     p = ev.add_parser("retrieval", parents=[models], help="Recall@1/5/10, MRR, nDCG@10, mAP@50 per category and channel")
     _add_kb(p)
@@ -561,22 +571,41 @@ def _cmd_eval(args) -> int:
         from .evaluation import evaluate_generation, generation_table, load_generation_prompts
 
         _quiet_diffusers()
+        address = ray_address(args)
         items = load_generation_prompts(args.prompts)
         cfg = _config(args, **{"kb.path": args.kb, "kb.url": args.url, "draw.k": args.k,
                                "draw.num_inference_steps": args.steps})
-        pipe = EntityImagePipeline.from_config(cfg)
-        summary = evaluate_generation(pipe, items, pipe.retriever.kb.embedder, seed=args.seed,
-                                      progress=_bar(args, len(items), "eval generation"))
+        if args.ray is not None:
+            from .scale.batch import evaluate_generation_batch
+
+            summary = evaluate_generation_batch(
+                cfg, items, args.runs or str(Path(args.prompts).with_suffix(".runs")), seed=args.seed,
+                ray_address=address, batch_size=args.batch_size, concurrency=args.concurrency,
+                num_gpus=args.num_gpus, num_cpus=args.num_cpus, progress=not args.no_progress and sys.stderr.isatty())
+        else:
+            pipe = EntityImagePipeline.from_config(cfg)
+            summary = evaluate_generation(pipe, items, pipe.retriever.kb.embedder, seed=args.seed,
+                                          progress=_bar(args, len(items), "eval generation"))
         print(json.dumps(summary) if args.json else generation_table(summary))
         return 0
     if args.eval_command == "vqa":
         from .vqa import RAGVQAPipeline
 
+        address = ray_address(args)
         items = load_vqa_dataset(args.dataset)
         cfg = _config(args, **{"kb.path": args.kb, "kb.url": args.url, "vqa.k": args.k})
         predictions = args.predictions or str(Path(args.dataset).with_suffix(".predictions.jsonl"))
-        summary = evaluate_vqa(RAGVQAPipeline.from_config(cfg), items, predictions_path=predictions,
-                               progress=_bar(args, len(items), "eval vqa"))
+        if args.ray is not None:
+            from .scale.batch import evaluate_vqa_batch
+
+            runs = args.runs or str(Path(predictions).with_suffix(".runs"))
+            summary = evaluate_vqa_batch(cfg, items, runs, predictions_path=predictions, ray_address=address,
+                                         batch_size=args.batch_size, concurrency=args.concurrency,
+                                         num_gpus=args.num_gpus, num_cpus=args.num_cpus,
+                                         progress=not args.no_progress and sys.stderr.isatty())
+        else:
+            summary = evaluate_vqa(RAGVQAPipeline.from_config(cfg), items, predictions_path=predictions,
+                                   progress=_bar(args, len(items), "eval vqa"))
         print(json.dumps(summary) if args.json else vqa_table(summary) + f"\npredictions: {predictions}")
         return 0
 

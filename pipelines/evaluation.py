@@ -232,36 +232,54 @@ def load_vqa_dataset(path: str | Path) -> list[VQAItem]:
     return items
 
 
-def evaluate_vqa(pipeline, items: Sequence[VQAItem], *, k: int | None = None, predictions_path: str | Path | None = None,
-                 progress=None) -> dict[str, Any]:
-    """Score ``pipeline`` in the three MRAG-Bench settings: no retrieval, gold references, retrieved.
-
-    Metric per item: multiple-choice accuracy when the item has choices, else VQA soft accuracy
-    (which equals exact match with one gold answer). Returns overall and per-category means per
-    setting; predictions go to ``predictions_path`` as JSONL.
-    """
-    kb = pipeline.retriever.kb if pipeline.retriever is not None else None
-    rows = []
-    for i, item in enumerate(items):
+def vqa_runs(items: Sequence[VQAItem]) -> list[tuple[VQAItem, str, list[str] | None]]:
+    """``(item, setting, references)`` for every run the three settings make: ``references`` is
+    ``[]`` (no retrieval), the item's ``gold_ids`` (gold; only items that have them), or None
+    (retrieved)."""
+    runs = []
+    for item in items:
         for setting in VQA_SETTINGS:
-            if setting == "gold":
-                if not item.gold_ids:
-                    continue
-                if kb is None:
-                    raise ConfigError("The gold-references setting needs the knowledge base holding `gold_ids`.")
-                refs = kb.get(item.gold_ids)
-                missing = sorted(set(item.gold_ids) - {r.id for r in refs})
-                if missing:
-                    raise ConfigError(f"line {item.line}: gold_ids {missing} are not in the knowledge base.")
-            else:
-                refs = [] if setting == "no_retrieval" else None
-            out = pipeline(item.question, image=item.image, k=k, references=refs, choices=item.choices)
-            score = float(out.choice == item.gold_choice) if item.choices else vqa_soft_accuracy(out.answer, item.answers)
-            rows.append({"line": item.line, "setting": setting, "category": item.category, "question": item.question,
-                         "prediction": out.answer, "score": score, "references": [h.id for h in out.references],
-                         "cited": [h.id for h in out.cited]})
-        if progress is not None:
-            progress(i + 1)
+            if setting == "gold" and not item.gold_ids:
+                continue
+            runs.append((item, setting, {"no_retrieval": [], "gold": list(item.gold_ids)}.get(setting)))
+    return runs
+
+
+def records_in_order(kb, ids: Sequence[str]) -> list:
+    """``kb``'s records of ``ids``, in that order (the prompt's); a missing id is a ConfigError."""
+    found = {r.id: r for r in kb.get(list(ids))} if ids else {}
+    missing = [i for i in ids if i not in found]
+    if missing:
+        raise ConfigError(f"`references` {missing} are not in the knowledge base; give ids of stored records.")
+    return [found[i] for i in ids]
+
+
+def check_gold_ids(kb, items: Sequence[VQAItem]) -> None:
+    """The gold setting needs every ``gold_ids`` record in ``kb`` (None: no KB to take them from)."""
+    wanted = sorted({i for item in items for i in item.gold_ids})
+    if not wanted:
+        return
+    if kb is None:
+        raise ConfigError("The gold-references setting needs the knowledge base holding `gold_ids`.")
+    found = {r.id for r in kb.get(wanted)}
+    for item in items:
+        missing = sorted(set(item.gold_ids) - found)
+        if missing:
+            raise ConfigError(f"line {item.line}: gold_ids {missing} are not in the knowledge base.")
+
+
+def vqa_row(item: VQAItem, setting: str, answer: str, choice: str | None, references: list[str],
+            cited: list[str]) -> dict[str, Any]:
+    """One prediction, scored: multiple-choice accuracy when the item has choices, else VQA soft
+    accuracy (which equals exact match with one gold answer)."""
+    score = float(choice == item.gold_choice) if item.choices else vqa_soft_accuracy(answer, item.answers)
+    return {"line": item.line, "setting": setting, "category": item.category, "question": item.question,
+            "prediction": answer, "score": score, "references": references, "cited": cited}
+
+
+def vqa_summary(items: Sequence[VQAItem], rows: Sequence[dict[str, Any]],
+                predictions_path: str | Path | None = None) -> dict[str, Any]:
+    """Overall and per-category means per setting; ``rows`` go to ``predictions_path`` as JSONL."""
     if predictions_path is not None:
         Path(predictions_path).parent.mkdir(parents=True, exist_ok=True)
         with open(predictions_path, "w", encoding="utf-8") as f:
@@ -277,6 +295,30 @@ def evaluate_vqa(pipeline, items: Sequence[VQAItem], *, k: int | None = None, pr
             crow = [r["score"] for r in srows if r["category"] == cat]
             summary["per_category"].setdefault(cat, {})[setting] = {"accuracy": sum(crow) / len(crow), "n": len(crow)}
     return summary
+
+
+def evaluate_vqa(pipeline, items: Sequence[VQAItem], *, k: int | None = None, predictions_path: str | Path | None = None,
+                 progress=None) -> dict[str, Any]:
+    """Score ``pipeline`` in the three MRAG-Bench settings: no retrieval, gold references, retrieved.
+
+    Metric per item: multiple-choice accuracy when the item has choices, else VQA soft accuracy
+    (which equals exact match with one gold answer). Returns overall and per-category means per
+    setting; predictions go to ``predictions_path`` as JSONL. ``mmrag eval vqa --ray`` runs the same
+    runs on a Ray actor pool (:func:`mmrag.pipelines.scale.batch.evaluate_vqa_batch`).
+    """
+    kb = pipeline.retriever.kb if pipeline.retriever is not None else None
+    check_gold_ids(kb, items)
+    rows = []
+    done = 0
+    for item, setting, references in vqa_runs(items):
+        refs = records_in_order(kb, references) if references else references
+        out = pipeline(item.question, image=item.image, k=k, references=refs, choices=item.choices)
+        rows.append(vqa_row(item, setting, out.answer, out.choice, [h.id for h in out.references],
+                            [h.id for h in out.cited]))
+        if progress is not None and setting == "retrieved":
+            done += 1
+            progress(done)
+    return vqa_summary(items, rows, predictions_path)
 
 
 def vqa_table(summary: dict[str, Any]) -> str:
@@ -328,28 +370,45 @@ def evaluate_generation(pipeline, items: Sequence[GenerationItem], encoder, *, g
     and the entity's held-out images) for each guidance, per bucket, same seed and references.
 
     ``encoder`` is a :class:`~mmrag.retrievers.DualEncoder` (the KB's, or a stronger CLIP). ``k``
-    and ``num_inference_steps`` left at ``None`` are the pipeline's configured values.
+    and ``num_inference_steps`` left at ``None`` are the pipeline's configured values. ``mmrag eval
+    generation --ray`` draws on a Ray actor pool instead
+    (:func:`mmrag.pipelines.scale.batch.evaluate_generation_batch`); the scores are the same.
     """
-    import numpy as np
-    from PIL import Image
-
-    scores: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    drawings: list[tuple[GenerationItem, str, list]] = []
     for i, item in enumerate(items):
-        held_out = encoder.embed_images([Image.open(p).convert("RGB") for p in item.images])
-        text = encoder.embed_texts([item.prompt])[0]
         refs = None  # retrieved once, reused for every guidance so that only the guidance differs
         for g in guidances:
             out = pipeline(item.prompt, k=k, references=refs, guidance=g, num_inference_steps=num_inference_steps,
                            seed=seed, **generate_kwargs)
             if refs is None:
                 refs = [h.record.open_image() for h in out.references]
-            name = g if isinstance(g, str) else g.get("name", str(g))
-            vec = encoder.embed_images(out.images)
-            clip_t = float(np.mean(vec @ text))
-            clip_i = float(np.mean(vec @ held_out.T))
-            scores.setdefault(name, {}).setdefault(item.bucket, []).append((clip_t, clip_i))
+            drawings.append((item, guidance_name(g), out.images))
         if progress is not None:
             progress(i + 1)
+    return generation_summary(items, drawings, encoder)
+
+
+def guidance_name(guidance: Any) -> str:
+    return guidance if isinstance(guidance, str) else guidance.get("name", str(guidance))
+
+
+def generation_summary(items: Sequence[GenerationItem], drawings: Sequence[tuple[GenerationItem, str, list]],
+                       encoder) -> dict[str, Any]:
+    """Score ``(item, guidance name, images)`` drawings: CLIP-T and CLIP-I per guidance and bucket."""
+    import numpy as np
+    from PIL import Image
+
+    scores: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    embedded: dict[int, tuple[Any, Any]] = {}  # per item: (held-out image vectors, prompt vector)
+    for item, name, images in drawings:
+        if id(item) not in embedded:
+            embedded[id(item)] = (encoder.embed_images([Image.open(p).convert("RGB") for p in item.images]),
+                                  encoder.embed_texts([item.prompt])[0])
+        held_out, text = embedded[id(item)]
+        vec = encoder.embed_images(list(images))
+        clip_t = float(np.mean(vec @ text))
+        clip_i = float(np.mean(vec @ held_out.T))
+        scores.setdefault(name, {}).setdefault(item.bucket, []).append((clip_t, clip_i))
     summary: dict[str, Any] = {"n_prompts": len(items), "per_guidance": {}}
     for name, buckets in scores.items():
         every = [s for rows in buckets.values() for s in rows]

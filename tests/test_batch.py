@@ -178,6 +178,71 @@ def test_ray_draw_equals_serial_pixel_for_pixel(ray_local, serial_draw, config, 
         assert all(np.array_equal(a, b) for a, b in zip(_pixels(tmp_path, row), _pixels(serial_out, serial_row)))
 
 
+VQA_LINES = [  # an `mmrag eval vqa` dataset: free-text answers, gold references, multiple choice
+    {"question": "What colour is this?", "image": "images/red.png", "answers": ["red"], "gold_ids": ["r0"],
+     "category": "colour"},
+    {"question": "Which shape?", "image": "images/blue.png", "choices": ["circle", "square", "star"],
+     "answer": "square", "gold_ids": ["r1", "r0"]},
+    {"question": "Is there a star?", "answers": ["yes", "no"], "category": "count"},
+]
+
+
+def test_eval_vqa_on_ray_equals_evaluate_vqa_and_resumes(ray_local, config, data, vqa_ref, tmp_path):
+    from mmrag.pipelines.evaluation import evaluate_vqa, load_vqa_dataset
+
+    from mmrag.pipelines.scale.batch import evaluate_vqa_batch
+
+    items = load_vqa_dataset(_write_jsonl(data / "vqa.jsonl", VQA_LINES))
+    expected = evaluate_vqa(vqa_ref, items, predictions_path=tmp_path / "serial.jsonl")
+    assert expected["overall"]["gold"]["n"] == 2 and expected["overall"]["retrieved"]["n"] == 3
+    got = evaluate_vqa_batch(config, items, tmp_path / "runs", predictions_path=tmp_path / "ray.jsonl",
+                             batch_size=2, num_cpus=THREADS)
+    assert got == expected
+    assert _rows(tmp_path / "ray.jsonl") == _rows(tmp_path / "serial.jsonl")  # every prediction, in order
+    gold = [r for r in _rows(tmp_path / "ray.jsonl") if r["setting"] == "gold"]
+    assert [r["references"] for r in gold] == [["r0"], ["r1", "r0"]]  # the gold ids, in their order
+    assert all(r["references"] == [] for r in _rows(tmp_path / "ray.jsonl") if r["setting"] == "no_retrieval")
+    # a re-run answers nothing again and scores the same
+    assert evaluate_vqa_batch(config, items, tmp_path / "runs", batch_size=2, num_cpus=THREADS) == expected
+    missing = load_vqa_dataset(_write_jsonl(data / "vqa-missing.jsonl", [{**VQA_LINES[0], "gold_ids": ["nope"]}]))
+    with pytest.raises(ConfigError, match=r"gold_ids \['nope'\] are not in the knowledge base"):
+        evaluate_vqa_batch(config, missing, tmp_path / "runs-missing", num_cpus=THREADS)
+
+
+def test_cli_eval_vqa_ray_prints_the_serial_summary(ray_local, config, data, kb_path, tmp_path, capsys):
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    dataset = _write_jsonl(data / "vqa-cli.jsonl", VQA_LINES)
+    argv = ["eval", "vqa", "--kb", str(kb_path), "--config", str(config_file), "--dataset", str(dataset), "--json",
+            "--predictions", str(tmp_path / "p.jsonl")]
+    assert main(argv) == 0
+    expected = json.loads(capsys.readouterr().out)
+    assert main(argv + ["--ray", "--num-cpus", str(THREADS), "--runs", str(tmp_path / "runs")]) == 0
+    assert json.loads(capsys.readouterr().out) == expected
+    assert (tmp_path / "runs" / ASK_OUTPUT).exists()
+
+
+def test_cli_eval_generation_ray_prints_the_serial_scores(ray_local, config, data, kb_path, tmp_path, capsys):
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump({**config, "draw": {**config["draw"], "height": 32, "width": 32}}))
+    prompts = _write_jsonl(data / "generation.jsonl", [
+        {"prompt": "a red circle", "entity": "red circle", "images": ["images/red.png"], "bucket": "rare"},
+        {"prompt": "a blue square", "entity": "blue square", "images": ["images/blue.png"]},
+    ])
+    argv = ["eval", "generation", "--kb", str(kb_path), "--config", str(config_file), "--prompts", str(prompts),
+            "--json", "--steps", "2"]
+    assert main(argv) == 0
+    expected = json.loads(capsys.readouterr().out)
+    assert set(expected["per_guidance"]) == {"cfg", "joint", "interleaved"}
+    runs = tmp_path / "runs"
+    assert main(argv + ["--ray", "--num-cpus", str(THREADS), "--runs", str(runs)]) == 0
+    assert json.loads(capsys.readouterr().out) == expected  # the same drawings, scored the same
+    first, rest = _rows(runs / "first" / DRAW_OUTPUT), _rows(runs / "rest" / DRAW_OUTPUT)
+    assert len(first) == 2 and len(rest) == 4  # cfg retrieved; joint and interleaved reuse its references
+    by_line = {r["id"].split(":")[0]: r["references"] for r in first}
+    assert all(r["references"] == by_line[r["id"].split(":")[0]] for r in rest)
+
+
 def test_ray_actor_error_is_the_mmrag_error_itself(ray_local, config, data, tmp_path):
     from mmrag.generators.errors import GeneratorLoadError
 

@@ -3,11 +3,14 @@ JSONL file of prompts, in this process or on a Ray Data actor pool (``--ray``).
 
 Input lines (JSONL; an image path is relative to the file's folder)::
 
-    ask:  {"id": "q1", "question": "...", "image": "img.jpg", "choices": ["a", "b"], "k": 3, "seed": 0}
+    ask:  {"id": "q1", "question": "...", "image": "img.jpg", "choices": ["a", "b"], "k": 3, "seed": 0,
+           "references": ["rec-1", "rec-2"]}
     draw: {"id": "p1", "prompt": "...", "k": 2, "guidance": "interleaved", "steps": 30, "seed": 0,
            "height": 512, "width": 512}
 
-Everything but ``question`` / ``prompt`` is optional; ``id`` defaults to ``line-N``. The files of
+Everything but ``question`` / ``prompt`` is optional; ``id`` defaults to ``line-N``. An ask
+item's ``references`` names the KB records to answer from, in prompt order, instead of retrieving
+(``[]``: no references). The files of
 ``mmrag eval vqa|generation`` run as they are (their ``answers``, ``gold_ids``, ``category``,
 ``entity``, ``images`` and ``bucket`` are ignored here). Two kinds of
 bad input, treated differently on purpose:
@@ -78,6 +81,7 @@ class AskItem:
     choices: list[str] | None = None
     k: int | None = None
     seed: int = 0
+    references: list[str] | None = None  # KB record ids to answer from (None: retrieve; []: none)
     line: int = 0
 
 
@@ -93,12 +97,13 @@ class DrawItem:
     seed: int = 0
     height: int | None = None
     width: int | None = None
+    references: list[str] | None = None  # KB record ids whose images ground the drawing (None: retrieve)
     line: int = 0
 
 
 # plus the keys of `mmrag eval vqa|generation` files, accepted and ignored, so those files run as they are
-_ASK_KEYS = ("id", "question", "image", "choices", "k", "seed", "answers", "answer", "gold_ids", "category")
-_DRAW_KEYS = ("id", "prompt", "k", "guidance", "steps", "seed", "height", "width", "entity", "images", "bucket")
+_ASK_KEYS = ("id", "question", "image", "choices", "k", "seed", "references", "answers", "answer", "gold_ids", "category")
+_DRAW_KEYS = ("id", "prompt", "k", "guidance", "steps", "seed", "height", "width", "references", "entity", "images", "bucket")
 
 
 def load_ask_items(path: str | os.PathLike) -> list[AskItem]:
@@ -125,7 +130,8 @@ def load_ask_items(path: str | os.PathLike) -> list[AskItem]:
                                     or not all(isinstance(c, str) and c.strip() for c in choices)):
             raise ConfigError(f"{where}: `choices` must be a list of at least 2 non-empty strings, got {choices!r}.")
         items.append(AskItem(id=_item_id(obj, n, where), question=question, image=image, choices=choices,
-                             k=_positive_int(obj, "k", where), seed=_seed(obj, where), line=n))
+                             k=_positive_int(obj, "k", where), seed=_seed(obj, where),
+                             references=_references(obj, where), line=n))
     _check_unique(items, path)
     return items
 
@@ -145,7 +151,7 @@ def load_draw_items(path: str | os.PathLike) -> list[DrawItem]:
         items.append(DrawItem(id=_item_id(obj, n, where), prompt=prompt, k=_positive_int(obj, "k", where),
                               guidance=guidance, steps=_positive_int(obj, "steps", where), seed=_seed(obj, where),
                               height=_positive_int(obj, "height", where), width=_positive_int(obj, "width", where),
-                              line=n))
+                              references=_references(obj, where), line=n))
     _check_unique(items, path)
     return items
 
@@ -162,6 +168,14 @@ def _lines(path: Path, argument: str, keys: Sequence[str]) -> Iterator[tuple[int
         if unknown:
             raise ConfigError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(keys)}.")
         yield n, obj, where
+
+
+def _references(obj: dict, where: str) -> list[str] | None:
+    references = obj.get("references")
+    if references is not None and (not isinstance(references, list) or not all(
+            isinstance(r, str) and r.strip() for r in references)):
+        raise ConfigError(f"{where}: `references` must be a list of record ids ([] for none), got {references!r}.")
+    return references
 
 
 def _item_id(obj: dict, n: int, where: str) -> str:
@@ -240,11 +254,15 @@ class AskWorker:
 
     def run(self, item: AskItem) -> tuple[dict[str, Any], list[bytes]]:
         """The output row of ``item`` (an error row when the item itself fails) and no files."""
+        from ..evaluation import records_in_order
+
         answerer = self.pipe.answerer
         seed = answerer.seed
         answerer.seed = item.seed  # the per-item seed (it matters only when vlm.do_sample is on)
         try:
-            out = self.pipe(item.question, image=item.image, k=item.k, choices=item.choices)
+            references = None if item.references is None else records_in_order(self.pipe.retriever.kb,
+                                                                                item.references)
+            out = self.pipe(item.question, image=item.image, k=item.k, choices=item.choices, references=references)
         except _ITEM_ERRORS as e:
             return {"id": item.id, "question": item.question, "error": str(e)}, []
         finally:
@@ -270,9 +288,13 @@ class DrawWorker:
         _warm_up(self.pipe.generator, self.pipe.retriever.kb.embedder, self.pipe.reranker)
 
     def run(self, item: DrawItem) -> tuple[dict[str, Any], list[bytes]]:
+        from ..evaluation import records_in_order
+
         try:
+            references = None if item.references is None else [
+                r.open_image() for r in records_in_order(self.pipe.retriever.kb, item.references)]
             out = self.pipe(item.prompt, k=item.k, guidance=item.guidance, num_inference_steps=item.steps,
-                            seed=item.seed, height=item.height, width=item.width)
+                            seed=item.seed, height=item.height, width=item.width, references=references)
         except _ITEM_ERRORS as e:
             return {"id": item.id, "prompt": item.prompt, "error": str(e)}, []
         pngs = []
@@ -280,7 +302,8 @@ class DrawWorker:
             buf = io.BytesIO()
             image.save(buf, format="PNG")
             pngs.append(buf.getvalue())
-        return {"id": item.id, "prompt": item.prompt, "references": [h.id for h in out.references],
+        ids = item.references if item.references is not None else [h.id for h in out.references]
+        return {"id": item.id, "prompt": item.prompt, "references": ids,
                 "guidance": out.guidance, "fallback": out.fallback, "timings": out.timings}, pngs
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, list]:
@@ -460,6 +483,97 @@ def run_batch_ask(config: Any, dataset: str | os.PathLike, out_dir: str | os.Pat
     return _run("ask", load_ask_items(dataset), config, out_dir, ASK_OUTPUT, AskWorker,
                 ray_address=ray_address, use_ray=use_ray, batch_size=batch_size, concurrency=concurrency,
                 num_gpus=num_gpus, num_cpus=num_cpus, progress=progress)
+
+
+def evaluate_vqa_batch(config: Any, items: Sequence[Any], out_dir: str | os.PathLike, *, k: int | None = None,
+                       predictions_path: str | os.PathLike | None = None, ray_address: str | None = None,
+                       use_ray: bool = True, batch_size: int = 8, concurrency: int = 1, num_gpus: float | None = None,
+                       num_cpus: float | None = None, progress: bool = False) -> dict[str, Any]:
+    """``evaluate_vqa``'s three settings as one batch job (``mmrag eval vqa --ray``): each
+    (item, setting) run is an ask item (``references`` ``[]`` for no retrieval, the gold ids for
+    gold), answered by the actor pool into ``out_dir`` (resumable), then scored as
+    :func:`~mmrag.pipelines.evaluation.evaluate_vqa` scores it; the summary is the same. ``items``
+    are :class:`~mmrag.pipelines.evaluation.VQAItem`; a run that fails raises, as it does in process."""
+    from ..builders import open_knowledge_base
+    from ..config import load_config
+    from ..evaluation import check_gold_ids, vqa_row, vqa_runs, vqa_summary
+
+    cfg = load_config(config)
+    check_gold_ids(open_knowledge_base(cfg, create=False), items)
+    runs = vqa_runs(items)
+    asks = [AskItem(id=f"line-{item.line}:{setting}", question=item.question,
+                    image=None if item.image is None else str(Path(item.image).resolve()), choices=item.choices,
+                    k=k, references=references, line=item.line) for item, setting, references in runs]
+    report = _run("ask", asks, cfg, out_dir, ASK_OUTPUT, AskWorker, ray_address=ray_address, use_ray=use_ray,
+                  batch_size=batch_size, concurrency=concurrency, num_gpus=num_gpus, num_cpus=num_cpus,
+                  progress=progress)
+    answered = {row["id"]: row for row in _read_rows(report.output)}
+    rows = []
+    for ask, (item, setting, _) in zip(asks, runs):
+        row = answered[ask.id]
+        if "error" in row:
+            raise ConfigError(f"line {item.line} ({setting}): {row['error']} (delete its row from {report.output} "
+                              "to run it again)")
+        rows.append(vqa_row(item, setting, row["answer"], row["choice"], row["references"], row["cited"]))
+    return vqa_summary(items, rows, predictions_path)
+
+
+def _read_rows(path: Path) -> Iterator[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
+
+
+def evaluate_generation_batch(config: Any, items: Sequence[Any], out_dir: str | os.PathLike, encoder: Any = None, *,
+                              guidances: Sequence[Any] | None = None, k: int | None = None, steps: int | None = None,
+                              seed: int = 0, ray_address: str | None = None, use_ray: bool = True,
+                              batch_size: int = 8, concurrency: int = 1, num_gpus: float | None = None,
+                              num_cpus: float | None = None, progress: bool = False) -> dict[str, Any]:
+    """``evaluate_generation`` as two batch jobs (``mmrag eval generation --ray``): the first
+    guidance draws every prompt with retrieval (``out_dir/first``), the others draw with the
+    references it found (``out_dir/rest``), so that only the guidance differs; the drawings are
+    then scored here with ``encoder`` (default: the KB's embedder). Both jobs resume."""
+    from ..builders import open_knowledge_base
+    from ..config import load_config
+    from ..evaluation import GUIDANCE_NAMES, generation_summary, guidance_name
+
+    cfg = load_config(config)
+    kb = open_knowledge_base(cfg, create=False)
+    guidances = list(GUIDANCE_NAMES if guidances is None else guidances)
+    names = [guidance_name(g) for g in guidances]
+    if not names or len(set(names)) != len(names):
+        raise ConfigError(f"`guidances` must name distinct guidances, got {names!r}.")
+    out = Path(out_dir)
+    options = dict(ray_address=ray_address, use_ray=use_ray, batch_size=batch_size, concurrency=concurrency,
+                   num_gpus=num_gpus, num_cpus=num_cpus, progress=progress)
+    ident = lambda item, g: f"line-{item.line}:{guidance_name(g)}"  # noqa: E731
+    first = [DrawItem(id=ident(item, guidances[0]), prompt=item.prompt, k=k, guidance=guidances[0], steps=steps,
+                      seed=seed, line=item.line) for item in items]
+    first_rows = _drawn(_run("draw", first, cfg, out / "first", DRAW_OUTPUT, DrawWorker, **options))
+    rest = [DrawItem(id=ident(item, g), prompt=item.prompt, k=k, guidance=g, steps=steps, seed=seed,
+                     references=first_rows[ident(item, guidances[0])]["references"], line=item.line)
+            for item in items for g in guidances[1:]]
+    rows = {**first_rows, **(_drawn(_run("draw", rest, cfg, out / "rest", DRAW_OUTPUT, DrawWorker, **options))
+                             if rest else {})}
+    from PIL import Image
+
+    drawings = []
+    for item in items:
+        for j, g in enumerate(guidances):
+            row = rows[ident(item, g)]
+            folder = out / ("first" if j == 0 else "rest")
+            drawings.append((item, guidance_name(g), [Image.open(folder / name).convert("RGB") for name in row["images"]]))
+    return generation_summary(items, drawings, encoder if encoder is not None else kb.embedder)
+
+
+def _drawn(report: BatchReport) -> dict[str, dict[str, Any]]:
+    """The rows of a finished draw job by id; an item that failed raises, as it does in process."""
+    rows = {row["id"]: row for row in _read_rows(report.output)}
+    for row in rows.values():
+        if "error" in row:
+            raise ConfigError(f"{row['id']}: {row['error']} (delete its row from {report.output} to run it again)")
+    return rows
 
 
 def run_batch_draw(config: Any, prompts: str | os.PathLike, out_dir: str | os.PathLike, *,
