@@ -66,6 +66,7 @@ __all__ = ["APIError", "AuthenticationError", "BusyError", "Client", "JobTimeout
            "PermissionDeniedError", "ServerError", "ServerUnreachableError"]
 
 API_KEY_ENV = "MMRAG_API_KEY"
+_IDS_PER_REQUEST = 100  # ids in one GET /v1/records?ids=[...] (URLs stay short; the server takes up to 1000)
 # the retriever settings POST /v1/search takes (the server's schemas.SEARCH_OVERRIDES, without pydantic)
 SEARCH_OVERRIDES = ("channels", "fusion", "composed_method", "hubness")
 DEFAULT_TIMEOUT_S = 120.0  # the first call to a cold server loads its models
@@ -471,11 +472,10 @@ class Client:
         server does not have are left out. ``record.image`` is the image's URL."""
         ids = [ids] if isinstance(ids, str) else list(dict.fromkeys(ids))
         found = []
-        for record_id in ids:  # the API reads one record per request
-            try:
-                found.append(self._record(self._request("GET", f"/v1/records/{quote(record_id, safe='')}").json()))
-            except NotFoundError:
-                continue
+        for lo in range(0, len(ids), _IDS_PER_REQUEST):  # GET /v1/records?ids=[...]: many records per request
+            chunk = ids[lo:lo + _IDS_PER_REQUEST]
+            page = self._request("GET", "/v1/records", params={"ids": json.dumps(chunk), "limit": len(chunk)}).json()
+            found.extend(self._record(r) for r in page["records"])
         return found
 
     def delete(self, ids: str | Sequence[str]) -> int:

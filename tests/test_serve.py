@@ -504,6 +504,16 @@ def test_records_upload_list_get_image_delete(client, kb_path):
 
     record = client.get(f"/v1/records/{uploaded['id']}").json()
     assert record == uploaded
+    wanted = [listed[3]["id"], "no-such-id", listed[0]["id"], listed[3]["id"], listed[1]["id"]]
+    many = client.get("/v1/records", params={"ids": json.dumps(wanted)}).json()  # many in one request, in the order asked
+    assert many["records"] == [listed[3], listed[0], listed[1]] and many["next_offset"] is None
+    paged = client.get("/v1/records", params={"ids": json.dumps(wanted), "limit": 2, "offset": 2}).json()
+    assert paged["records"] == [listed[0], listed[1]] and paged["next_offset"] is None  # the unique ids[2:4]
+    first_two = client.get("/v1/records", params={"ids": json.dumps(wanted), "limit": 2}).json()
+    assert first_two["records"] == [listed[3]] and first_two["next_offset"] == 2
+    only_json = client.get("/v1/records", params={"ids": json.dumps(wanted), "where": json.dumps({"batch": "json"})}).json()
+    assert only_json["records"] == []  # the filter applies too
+    assert_envelope(client.get("/v1/records", params={"ids": '"r0"'}), 400, "invalid_request", "ids")
     stored = kb.get(uploaded["id"])[0]
     image = client.get(record["image_url"])
     assert image.status_code == 200 and image.headers["content-type"] == "image/png"

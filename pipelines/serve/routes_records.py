@@ -62,11 +62,24 @@ def build_router(service: Service, auth: Authenticator) -> APIRouter:
     @router.get("/records", response_model=RecordsPage, dependencies=read, summary="List (export) records")
     def list_records(offset: int = QueryParam(0, ge=0, le=MAX_OFFSET),
                      limit: int = QueryParam(50, ge=1, le=MAX_PAGE),
-                     where: str | None = QueryParam(None, description='metadata filter as JSON, e.g. {"kind": "dog"}')
+                     where: str | None = QueryParam(None, description='metadata filter as JSON, e.g. {"kind": "dog"}'),
+                     ids: str | None = QueryParam(None, description='only these records, as a JSON list of ids '
+                                                  '(e.g. ["a", "b"]; at most 1000), in the order given; ids not '
+                                                  'stored are left out')
                      ) -> RecordsPage:
         """A page of records (id, text, metadata, source path, image URL), in insertion order;
-        follow `next_offset` until it is null."""
+        follow `next_offset` until it is null. With `ids`: those records, in that order (one
+        request for many; `offset` and `limit` page through the list)."""
         flt = validate_where(parse_json(where, "where")) if where is not None else None
+        if ids is not None:
+            ids = _id_list(parse_json(ids, "ids"))
+            wanted = list(dict.fromkeys(ids))[offset:offset + limit]
+            res = service.kb.vectors.texts.get(ids=wanted, where=flt, include=["metadatas", "documents"]) \
+                if wanted else {"ids": [], "metadatas": [], "documents": []}
+            by_id = {i: (m, d) for i, m, d in zip(res["ids"], res["metadatas"], res["documents"], strict=True)}
+            records = [record_out(decode_record(i, *by_id[i], service.kb.images)) for i in wanted if i in by_id]
+            more = offset + limit < len(dict.fromkeys(ids))
+            return RecordsPage(records=records, offset=offset, limit=limit, next_offset=offset + limit if more else None)
         # one more than asked: whether a next page exists, without a count of the filtered records
         res = service.kb.vectors.texts.get(where=flt, limit=limit + 1, offset=offset,
                                            include=["metadatas", "documents"])
@@ -99,6 +112,16 @@ def build_router(service: Service, auth: Authenticator) -> APIRouter:
         return Deleted(deleted=1)
 
     return router
+
+
+def _id_list(value: object) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(i, str) and i for i in value):
+        raise InvalidRequestError(f"`ids` must be a JSON list of record ids (non-empty strings), got {value!r}.",
+                                  param="ids")
+    if len(value) > MAX_PAGE:
+        raise InvalidRequestError(f"`ids` lists {len(value)} ids; ask for at most {MAX_PAGE} per request.",
+                                  param="ids")
+    return value
 
 
 def _form_records(form: RecordsForm, filenames: list[str | None] | None) -> list[Record]:
