@@ -21,7 +21,8 @@ print(top)
 assert top == ["mmrag"], f"the wheel must install exactly one top-level name, mmrag; it installs {top}"
 files = zipfile.ZipFile(sys.argv[1]).namelist()
 for needed in ("mmrag/py.typed", "mmrag/configs/tiny.yaml", "mmrag/configs/default.yaml",
-               "mmrag/prompts/templates/vqa_question.txt"):
+               "mmrag/prompts/templates/vqa_question.txt", "mmrag/pipelines/toyworld/weights/clip/model.safetensors",
+               "mmrag/pipelines/serve/static/index.html"):
     assert needed in files, f"{needed} is missing from the wheel"
 PY
 

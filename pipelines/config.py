@@ -27,6 +27,7 @@ from mmrag.retrievers.kb.images import DEFAULT_MAX_IMAGE_PIXELS
 from mmrag.retrievers.kb.sources import DEFAULT_MAX_TEXT_CHARS
 
 TINY_PREFIX = "tiny:"
+TOY_PREFIX = "toy:"  # trained in the toy world (pipelines/toyworld): shipped weights
 # The presets ship inside the wheel as package data: found the same way from any working directory.
 CONFIG_DIR = importlib.resources.files("mmrag.configs")
 
@@ -181,6 +182,10 @@ class Config(_Section):
     def resolve_model(self, name: str) -> str:
         """A loadable model id or path: ``tiny:NAME`` builds the tiny model on first use; a Hub id
         that cannot load (no Hub, not cached) fails here at once with one line."""
+        if name.startswith(TOY_PREFIX):
+            from .toyworld.models import ensure_toy_model
+
+            return str(ensure_toy_model(name[len(TOY_PREFIX):], Path(self.tiny_models.cache_dir).expanduser()))
         if not name.startswith(TINY_PREFIX):
             from .hub import check_hub_model
 

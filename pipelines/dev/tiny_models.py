@@ -25,7 +25,7 @@ import pathlib
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import filelock
 import safetensors.torch
@@ -183,12 +183,13 @@ def _merge(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
     return tuple(merged)
 
 
-def _clip_tokenizer(max_length: int) -> CLIPTokenizer:
-    """Byte-level BPE with CLIP's normaliser, pre-tokenizer and "</w>" end-of-word suffix."""
+def clip_tokenizer(max_length: int, corpus: Sequence[str] | None = None) -> CLIPTokenizer:
+    """Byte-level BPE with CLIP's normaliser, pre-tokenizer and "</w>" end-of-word suffix, its merges
+    learnt from ``corpus`` (default: the tiny models' own sentences)."""
     backend = CLIPTokenizer().backend_tokenizer
     words = [
         list(word)
-        for text in _CORPUS
+        for text in (_CORPUS if corpus is None else corpus)
         for word, _ in backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(text))
     ]
     merges = _learn_bpe([word[:-1] + [word[-1] + "</w>"] for word in words], num_merges=256)
@@ -251,7 +252,7 @@ def build_dual_encoder(
         torch.manual_seed(seed)
         if family == "clip":
             max_length = shape["text"]["max_position_embeddings"]
-            tokenizer = _clip_tokenizer(max_length)
+            tokenizer = clip_tokenizer(max_length)
             text_config = dict(shape["text"], vocab_size=len(tokenizer), **_special_ids(tokenizer))
             model = CLIPModel(CLIPConfig(text_config=text_config, vision_config=shape["vision"],
                                          projection_dim=shape["projection_dim"]))
@@ -359,7 +360,7 @@ _UNET_CONFIG = dict(
 
 
 def _build_sd(target: pathlib.Path) -> None:
-    tokenizer = _clip_tokenizer(_TINY["text"]["max_position_embeddings"])
+    tokenizer = clip_tokenizer(_TINY["text"]["max_position_embeddings"])
     text_encoder = CLIPTextModel(CLIPTextConfig(**_TINY["text"], vocab_size=len(tokenizer), **_special_ids(tokenizer)))
     unet = UNet2DConditionModel(**_UNET_CONFIG)
     vae = AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
