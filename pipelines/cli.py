@@ -194,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--where", metavar="JSON", help="metadata filter applied to every query")
     p.add_argument("--rerank", choices=["dual_encoder", "cross_encoder", "vlm"],
                    help="rerank with this reranker (default: reranker.name of the config)")
+    p.add_argument("--fusion", choices=list(FUSIONS), help="rrf or weighted (default: retriever.fusion)")
+    p.add_argument("--composed", choices=list(COMPOSED_METHODS),
+                   help="composed-query method for image + text queries (default: retriever.composed_method)")
+    p.add_argument("--hubness", choices=["qbnorm", "dbnorm"], help="hubness normalisation (default: retriever.hubness)")
     p.add_argument("--no-ablation", action="store_true", help="skip the per-channel runs")
     _add_output(p)
 
@@ -211,6 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="+", metavar="NAME", help="build only these (clip, siglip, llava, idefics3, "
                                                                "blip-itm, sd, ip-adapter)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the weights (default 0)")
+
+    toy = sub.add_parser("toy-bench", help="the toy world's benchmark files (known ground truth)").add_subparsers(
+        dest="toy_command", required=True, metavar="SUBCOMMAND", help="make")
+    p = toy.add_parser("make", parents=[plain], help="write a gallery manifest and queries for `mmrag eval retrieval`")
+    p.add_argument("directory", metavar="DIR", help="where to write them")
+    p.add_argument("--seed", type=int, default=0, help="the toy world's seed and the queries' (default 0)")
+    p.add_argument("--views", type=int, default=2, help="renders of each gallery entity (default 2)")
 
     p = sub.add_parser("demo", parents=[models], help="search, ask and draw on a generated sample KB; writes an HTML report")
     p.add_argument("--out", default="demo-out", metavar="DIR", help="output folder (default: demo-out)")
@@ -610,7 +621,8 @@ def _cmd_eval(args) -> int:
         return 0
 
     queries = load_queries(args.queries)
-    cfg = _config(args, **{"kb.path": args.kb, "kb.url": args.url})
+    cfg = _config(args, **{"kb.path": args.kb, "kb.url": args.url, "retriever.fusion": args.fusion,
+                           "retriever.composed_method": args.composed, "retriever.hubness": args.hubness})
     kb = open_knowledge_base(cfg, create=False)
     from .search import SearchPipeline
 
@@ -627,6 +639,14 @@ def _cmd_tiny_models(args) -> int:
     paths = build_tiny_models(args.directory, args.only, seed=args.seed, progress=lambda m: print(m, file=sys.stderr))
     for name, path in paths.items():
         print(f"{name}\t{path}")
+    return 0
+
+
+def _cmd_toy_bench(args) -> int:
+    from .toyworld.bench import make_toy_bench
+
+    paths = make_toy_bench(args.directory, seed=args.seed, views=args.views)
+    print(paths["readme"].read_text(encoding="utf-8"), end="")
     return 0
 
 
@@ -678,7 +698,7 @@ def _cmd_mcp(args) -> int:
     return cmd_mcp(args)
 
 
-_COMMANDS = {"ingest": _cmd_ingest, "kb": _cmd_kb, "search": _cmd_search, "ask": _cmd_ask, "draw": _cmd_draw, "eval": _cmd_eval, "tiny-models": _cmd_tiny_models, "demo": _cmd_demo, "env": _cmd_env, "mcp": _cmd_mcp, "serve": _cmd_serve, "keys": _cmd_keys, "batch": _cmd_batch}
+_COMMANDS = {"ingest": _cmd_ingest, "kb": _cmd_kb, "search": _cmd_search, "ask": _cmd_ask, "draw": _cmd_draw, "eval": _cmd_eval, "tiny-models": _cmd_tiny_models, "demo": _cmd_demo, "env": _cmd_env, "mcp": _cmd_mcp, "serve": _cmd_serve, "keys": _cmd_keys, "batch": _cmd_batch, "toy-bench": _cmd_toy_bench}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,11 +1,12 @@
-"""Retrieval evaluation: Recall@k, MRR, nDCG@10 and mAP@50, per category and per channel.
+"""Retrieval evaluation: Recall@k, hit@k, MRR, nDCG@10 and mAP@50, per category and per channel.
 
 Queries file (JSONL), one object per line::
 
     {"text": "...", "image": "relative/or/absolute.jpg", "relevant": ["id1", "id2"], "category": "dogs"}
 
 ``text`` and/or ``image`` form the query (an image path is relative to the file's folder);
-``relevant`` lists the ids that count as correct; ``category`` is optional.
+``relevant`` lists the ids that count as correct; ``category`` is optional, and so is
+``reference_text`` (a description of the image, for the composed method PDV).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, Iterable, Sequence
 from mmrag.retrievers import CHANNELS, ConfigError, Query
 
 K_VALUES = (1, 5, 10)
+HIT_K_VALUES = (1, 5)  # success@k: with several relevant ids, recall@1 cannot reach 1 and hit@1 can
 DEPTH = 50  # hits fetched per query: enough for mAP@50
 
 
@@ -34,6 +36,11 @@ class EvalQuery:
 def recall_at(ranked: Sequence[str], relevant: set[str], k: int) -> float:
     """Share of the relevant ids found in the top ``k``."""
     return len(set(ranked[:k]) & relevant) / len(relevant)
+
+
+def hit_at(ranked: Sequence[str], relevant: set[str], k: int) -> float:
+    """1 when a relevant id is in the top ``k`` (success@k; the composed-retrieval papers' hit@k)."""
+    return float(bool(set(ranked[:k]) & relevant))
 
 
 def reciprocal_rank(ranked: Sequence[str], relevant: set[str]) -> float:
@@ -59,6 +66,7 @@ def average_precision_at(ranked: Sequence[str], relevant: set[str], k: int = 50)
 
 def score_ranking(ranked: Sequence[str], relevant: set[str]) -> dict[str, float]:
     out = {f"recall@{k}": recall_at(ranked, relevant, k) for k in K_VALUES}
+    out.update({f"hit@{k}": hit_at(ranked, relevant, k) for k in HIT_K_VALUES})
     out["mrr"] = reciprocal_rank(ranked, relevant)
     out["ndcg@10"] = ndcg_at(ranked, relevant, 10)
     out["map@50"] = average_precision_at(ranked, relevant, 50)
@@ -103,7 +111,7 @@ def load_queries(path: str | Path) -> list[EvalQuery]:
         if image is not None:
             image = Path(image) if Path(image).is_absolute() else path.parent / image
         try:
-            query = Query.coerce(Query(text=obj.get("text"), image=image))
+            query = Query.coerce(Query(text=obj.get("text"), image=image, reference_text=obj.get("reference_text")))
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
         out.append(EvalQuery(query, set(relevant), str(obj.get("category", "all")), n))
@@ -117,10 +125,12 @@ class RetrievalReport:
     per_channel: dict[str, dict[str, float]]  # each channel alone, on the queries it can serve
     n_queries: int
     rows: list[dict[str, Any]] = field(default_factory=list)
+    # each channel alone, per category: which channel serves which kind of query
+    per_channel_category: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"n_queries": self.n_queries, "overall": self.overall, "per_category": self.per_category,
-                "per_channel": self.per_channel}
+                "per_channel": self.per_channel, "per_channel_category": self.per_channel_category}
 
     def table(self) -> str:
         metrics = list(self.overall)
@@ -134,6 +144,10 @@ class RetrievalReport:
             lines.append(row(f"category: {cat}", values, values.get("n", "")))
         for ch, values in self.per_channel.items():
             lines.append(row(f"channel: {ch}", values, values.get("n", "")))
+        if len(self.per_category) > 1:
+            for ch, cats in self.per_channel_category.items():
+                for cat, values in sorted(cats.items()):
+                    lines.append(row(f"channel: {ch}, category: {cat}", values, values.get("n", "")))
         return "\n".join(lines)
 
 
@@ -162,19 +176,23 @@ def evaluate_retrieval(retriever, queries: Sequence[EvalQuery], *, where: dict |
         per_cat.setdefault(q.category, []).append(scores)
         tick()
     per_channel: dict[str, dict[str, float]] = {}
+    per_channel_category: dict[str, dict[str, dict[str, float]]] = {}
     for ch, qs in usable.items():
         if not qs:
             continue
-        ch_rows = []
+        ch_rows, by_category = [], {}
         for q in qs:
-            ch_rows.append(score_ranking([h.id for h in retriever.retrieve(q.query, k=DEPTH, where=where, channels=[ch])],
-                                         q.relevant))
+            scores = score_ranking([h.id for h in retriever.retrieve(q.query, k=DEPTH, where=where, channels=[ch])],
+                                   q.relevant)
+            ch_rows.append(scores)
+            by_category.setdefault(q.category, []).append(scores)
             tick()
         per_channel[ch] = {**mean_metrics(ch_rows), "n": len(qs)}
+        per_channel_category[ch] = {c: {**mean_metrics(v), "n": len(v)} for c, v in by_category.items()}
     per_category = {c: {**mean_metrics(v), "n": len(v)} for c, v in per_cat.items()}
     return RetrievalReport(mean_metrics(r for r in ({k: v for k, v in row.items() if k not in ("line", "category")}
                                                      for row in rows)),
-                           per_category, per_channel, len(queries), rows)
+                           per_category, per_channel, len(queries), rows, per_channel_category)
 
 
 # ---------------------------------------------------------------------------- VQA

@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from mmrag.pipelines.evaluation import average_precision_at, load_queries, ndcg_at, reciprocal_rank, recall_at, score_ranking
+from mmrag.pipelines.evaluation import (average_precision_at, hit_at, load_queries, ndcg_at, reciprocal_rank, recall_at,
+                                       score_ranking)
 from mmrag.retrievers import ConfigError
 
 RANKED = ["a", "x", "b", "y", "z", "c"]
@@ -20,7 +21,9 @@ def test_metrics_by_hand():
     idcg = sum(1 / math.log2(i + 1) for i in range(1, 5))
     assert ndcg_at(RANKED, REL) == pytest.approx(dcg / idcg)
     assert average_precision_at(RANKED, REL) == pytest.approx((1 / 1 + 2 / 3 + 3 / 6) / 4)
-    assert set(score_ranking(RANKED, REL)) == {"recall@1", "recall@5", "recall@10", "mrr", "ndcg@10", "map@50"}
+    assert hit_at(RANKED, REL, 1) == 1.0 and hit_at(["x", "y", "b"], REL, 2) == 0.0 and hit_at(["x", "y", "b"], REL, 3) == 1.0
+    assert set(score_ranking(RANKED, REL)) == {"recall@1", "recall@5", "recall@10", "hit@1", "hit@5", "mrr", "ndcg@10",
+                                               "map@50"}
 
 
 def test_query_file_errors_name_the_line(tmp_path):
