@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach the Hub
+# Before torch loads: idle OpenMP threads must sleep, not spin. On a busy machine two spinning threads
+# ran toy-model training up to 10x slower (a 90-s test took over 900 s while other jobs ran).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from pathlib import Path
 
