@@ -203,10 +203,12 @@ def clip_tokenizer(max_length: int, corpus: Sequence[str] | None = None) -> CLIP
                          model_max_length=max_length)
 
 
-def _llama_tokenizer() -> LlamaTokenizer:
-    """Llama's BPE ("▁" marks a word start, unseen characters fall back to bytes) + LLaVA's `<image>`."""
-    words = [list("▁" + word) for text in _CORPUS for word in text.split()]
-    merges = _learn_bpe(words, num_merges=256)
+def llama_tokenizer(words: Sequence[list[str]] | None = None, num_merges: int = 256) -> LlamaTokenizer:
+    """Llama's BPE ("▁" marks a word start, unseen characters fall back to bytes) + LLaVA's `<image>`,
+    its merges learnt from ``words`` (character lists; default: the tiny models' sentences)."""
+    if words is None:
+        words = [list("▁" + word) for text in _CORPUS for word in text.split()]
+    merges = _learn_bpe(words, num_merges=num_merges)
     # Llama's vocabulary order: the three specials, the 256 byte-fallback tokens, characters, merges.
     characters = sorted({character for word in words for character in word})
     vocab = ["<unk>", "<s>", "</s>"] + [f"<0x{byte:02X}>" for byte in range(256)] + characters
@@ -287,7 +289,7 @@ def _special_ids(tokenizer) -> dict[str, int | None]:
 
 # --------------------------------------------------------------------------------------------- LLaVA
 def _build_llava(target: pathlib.Path) -> None:
-    tokenizer = _llama_tokenizer()
+    tokenizer = llama_tokenizer()
     vision = _TINY["vision"]
     # Room for a few images (25 tokens each) and a conversation.
     text_config = LlamaConfig(**(_TINY["text"] | {"max_position_embeddings": 512}), vocab_size=len(tokenizer),
@@ -314,7 +316,7 @@ def _build_llava(target: pathlib.Path) -> None:
 
 # ------------------------------------------------------------------------------------------ Idefics3
 def _build_idefics3(target: pathlib.Path) -> None:
-    tokenizer = _llama_tokenizer()
+    tokenizer = llama_tokenizer()
     # Idefics3's specials: each image reads <fake_token_around_image><global-img><image>...<image>
     # <fake_token_around_image>, and every turn ends with <end_of_utterance>.
     tokenizer.add_special_tokens({"additional_special_tokens": [
