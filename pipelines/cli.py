@@ -415,6 +415,14 @@ def print_hits(hits: Sequence, as_json: bool) -> None:
         print(f"{h.rank:>3}  {h.score:8.4f}  {h.id:<34}  {text:<60}  {h.record.source_path or '-'}")
 
 
+def print_stream(out: Any) -> Any:
+    """Print a streamed answer's chunks as they arrive, then a newline; its VQAOutput."""
+    for chunk in out:
+        print(chunk, end="", flush=True)
+    print()
+    return out.result
+
+
 def print_answer(out: Any, choices: Sequence[str] | None, as_json: bool) -> None:
     """After the (streamed) answer: the choice, the note and the references, as ``mmrag ask``."""
     if as_json:
@@ -524,10 +532,7 @@ def _cmd_ask(args) -> int:
     out = pipe(args.question, image=args.image, where=_parse_where(args.where), rerank=not args.no_rerank,
                choices=choices, stream=stream)
     if stream:
-        for chunk in out:
-            print(chunk, end="", flush=True)
-        print()
-        out = out.result
+        out = print_stream(out)
     if args.html:
         note = TINY_NOTE if uses_tiny_models(cfg, pipe.retriever.kb) else None
         path = write_report(args.html, "mmrag ask", [render_answer(args.question, args.image, out)], note=note)
@@ -587,7 +592,7 @@ def _cmd_eval(args) -> int:
         cfg = _config(args, **{"kb.path": args.kb, "kb.url": args.url, "draw.k": args.k,
                                "draw.num_inference_steps": args.steps})
         if args.ray is not None:
-            from .scale.batch import evaluate_generation_batch
+            from .scale.batch_eval import evaluate_generation_batch
 
             summary = evaluate_generation_batch(
                 cfg, items, args.runs or str(Path(args.prompts).with_suffix(".runs")), seed=args.seed,
@@ -607,7 +612,7 @@ def _cmd_eval(args) -> int:
         cfg = _config(args, **{"kb.path": args.kb, "kb.url": args.url, "vqa.k": args.k})
         predictions = args.predictions or str(Path(args.dataset).with_suffix(".predictions.jsonl"))
         if args.ray is not None:
-            from .scale.batch import evaluate_vqa_batch
+            from .scale.batch_eval import evaluate_vqa_batch
 
             runs = args.runs or str(Path(predictions).with_suffix(".runs"))
             summary = evaluate_vqa_batch(cfg, items, runs, predictions_path=predictions, ray_address=address,

@@ -75,7 +75,7 @@ def ask_via_server(args: argparse.Namespace) -> int:
     """``mmrag ask --server URL``: the streamed answer, then the references, as ``_cmd_ask``."""
     from mmrag.retrievers import ConfigError
 
-    from .cli import _parse_where, print_answer
+    from .cli import _parse_where, print_answer, print_stream
 
     _refuse_local_flags(args, "ask", {**_LOCAL_FLAGS, **_ASK_SETTINGS})
     choices = None
@@ -88,10 +88,7 @@ def ask_via_server(args: argparse.Namespace) -> int:
         out = client.ask(args.question, image=args.image, k=args.k, where=_parse_where(args.where),
                          rerank=not args.no_rerank, choices=choices, stream=stream)
         if stream:
-            for chunk in out:
-                print(chunk, end="", flush=True)
-            print()
-            out = out.result
+            out = print_stream(out)
         if args.html:
             from .dev.report import TINY_NOTE, render_answer, write_report
 

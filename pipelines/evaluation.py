@@ -322,7 +322,7 @@ def evaluate_vqa(pipeline, items: Sequence[VQAItem], *, k: int | None = None, pr
     Metric per item: multiple-choice accuracy when the item has choices, else VQA soft accuracy
     (which equals exact match with one gold answer). Returns overall and per-category means per
     setting; predictions go to ``predictions_path`` as JSONL. ``mmrag eval vqa --ray`` runs the same
-    runs on a Ray actor pool (:func:`mmrag.pipelines.scale.batch.evaluate_vqa_batch`).
+    runs on a Ray actor pool (:func:`mmrag.pipelines.scale.batch_eval.evaluate_vqa_batch`).
     """
     kb = pipeline.retriever.kb if pipeline.retriever is not None else None
     check_gold_ids(kb, items)
@@ -390,7 +390,7 @@ def evaluate_generation(pipeline, items: Sequence[GenerationItem], encoder, *, g
     ``encoder`` is a :class:`~mmrag.retrievers.DualEncoder` (the KB's, or a stronger CLIP). ``k``
     and ``num_inference_steps`` left at ``None`` are the pipeline's configured values. ``mmrag eval
     generation --ray`` draws on a Ray actor pool instead
-    (:func:`mmrag.pipelines.scale.batch.evaluate_generation_batch`); the scores are the same.
+    (:func:`mmrag.pipelines.scale.batch_eval.evaluate_generation_batch`); the scores are the same.
     """
     drawings: list[tuple[GenerationItem, str, list]] = []
     for i, item in enumerate(items):

@@ -190,7 +190,7 @@ VQA_LINES = [  # an `mmrag eval vqa` dataset: free-text answers, gold references
 def test_eval_vqa_on_ray_equals_evaluate_vqa_and_resumes(ray_local, config, data, vqa_ref, tmp_path):
     from mmrag.pipelines.evaluation import evaluate_vqa, load_vqa_dataset
 
-    from mmrag.pipelines.scale.batch import evaluate_vqa_batch
+    from mmrag.pipelines.scale.batch_eval import evaluate_vqa_batch
 
     items = load_vqa_dataset(_write_jsonl(data / "vqa.jsonl", VQA_LINES))
     expected = evaluate_vqa(vqa_ref, items, predictions_path=tmp_path / "serial.jsonl")

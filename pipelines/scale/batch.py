@@ -55,6 +55,8 @@ from mmrag.errors import MMRAGError
 from mmrag.generators.errors import GenerationError, GuidanceError
 from mmrag.retrievers.errors import ConfigError, InvalidItemError
 
+from .items import AskItem, DrawItem, load_ask_items, load_draw_items
+
 logger = logging.getLogger(__name__)
 
 ASK_OUTPUT = "answers.jsonl"
@@ -68,161 +70,6 @@ _HASHED = re.compile(r"-[0-9a-f]{8}$")  # how a hashed name ends: a plain one ne
 # an error row. Anything else (a model or the KB failing, out of memory, a bug) stops the job: it
 # would fail every item alike, and a re-run resumes after the last batch written.
 _ITEM_ERRORS = (ConfigError, InvalidItemError, GenerationError, GuidanceError)
-
-
-# ---------------------------------------------------------------------------- items
-@dataclass(frozen=True)
-class AskItem:
-    """One question of a ``batch ask`` dataset; ``image`` is an absolute path (or None)."""
-
-    id: str
-    question: str
-    image: str | None = None
-    choices: list[str] | None = None
-    k: int | None = None
-    seed: int = 0
-    references: list[str] | None = None  # KB record ids to answer from (None: retrieve; []: none)
-    line: int = 0
-
-
-@dataclass(frozen=True)
-class DrawItem:
-    """One prompt of a ``batch draw`` file; ``None`` fields take the config's values."""
-
-    id: str
-    prompt: str
-    k: int | None = None
-    guidance: str | dict | None = None
-    steps: int | None = None
-    seed: int = 0
-    height: int | None = None
-    width: int | None = None
-    references: list[str] | None = None  # KB record ids whose images ground the drawing (None: retrieve)
-    line: int = 0
-
-
-# plus the keys of `mmrag eval vqa|generation` files, accepted and ignored, so those files run as they are
-_ASK_KEYS = ("id", "question", "image", "choices", "k", "seed", "references", "answers", "answer", "gold_ids", "category")
-_DRAW_KEYS = ("id", "prompt", "k", "guidance", "steps", "seed", "height", "width", "references", "entity", "images", "bucket")
-
-
-def load_ask_items(path: str | os.PathLike) -> list[AskItem]:
-    """The questions of a ``batch ask`` dataset, every line checked (a structural error is a
-    :class:`ConfigError` naming ``FILE:LINE``). Images must exist; they are decoded when they run."""
-    path = Path(path)
-    items = []
-    for n, obj, where in _lines(path, "--dataset", _ASK_KEYS):
-        question = obj.get("question")
-        if not isinstance(question, str) or not question.strip():
-            raise ConfigError(f"{where}: `question` must be a non-empty string, got {question!r}.")
-        image = obj.get("image")
-        if image is not None:
-            if not isinstance(image, str) or not image:
-                raise ConfigError(f"{where}: `image` must be a path (relative to the file's folder), got {image!r}.")
-            resolved = Path(image).expanduser()
-            resolved = (resolved if resolved.is_absolute() else path.parent / resolved).resolve()
-            if not resolved.is_file():
-                raise ConfigError(f"{where}: `image` {image!r} is not a file ({resolved}); paths are relative to "
-                                  f"the dataset's folder {path.parent.resolve()}.")
-            image = str(resolved)  # absolute: Ray workers do not share the driver's working directory
-        choices = obj.get("choices")
-        if choices is not None and (not isinstance(choices, list) or len(choices) < 2
-                                    or not all(isinstance(c, str) and c.strip() for c in choices)):
-            raise ConfigError(f"{where}: `choices` must be a list of at least 2 non-empty strings, got {choices!r}.")
-        items.append(AskItem(id=_item_id(obj, n, where), question=question, image=image, choices=choices,
-                             k=_positive_int(obj, "k", where), seed=_seed(obj, where),
-                             references=_references(obj, where), line=n))
-    _check_unique(items, path)
-    return items
-
-
-def load_draw_items(path: str | os.PathLike) -> list[DrawItem]:
-    """The prompts of a ``batch draw`` file, every line checked (a structural error is a
-    :class:`ConfigError` naming ``FILE:LINE``); a guidance is checked against the guidance classes."""
-    path = Path(path)
-    items = []
-    for n, obj, where in _lines(path, "--prompts", _DRAW_KEYS):
-        prompt = obj.get("prompt")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ConfigError(f"{where}: `prompt` must be a non-empty string, got {prompt!r}.")
-        guidance = obj.get("guidance")
-        if guidance is not None:
-            _check_guidance(guidance, where)
-        items.append(DrawItem(id=_item_id(obj, n, where), prompt=prompt, k=_positive_int(obj, "k", where),
-                              guidance=guidance, steps=_positive_int(obj, "steps", where), seed=_seed(obj, where),
-                              height=_positive_int(obj, "height", where), width=_positive_int(obj, "width", where),
-                              references=_references(obj, where), line=n))
-    _check_unique(items, path)
-    return items
-
-
-def _lines(path: Path, argument: str, keys: Sequence[str]) -> Iterator[tuple[int, dict, str]]:
-    from ..evaluation import (
-        _jsonl,  # the JSONL reader of the eval commands (file:line errors)
-    )
-
-    for n, obj, where in _jsonl(path, argument):
-        if not isinstance(obj, dict):
-            raise ConfigError(f"{where}: each line must be a JSON object, got {type(obj).__name__}.")
-        unknown = sorted(set(obj) - set(keys))
-        if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(keys)}.")
-        yield n, obj, where
-
-
-def _references(obj: dict, where: str) -> list[str] | None:
-    references = obj.get("references")
-    if references is not None and (not isinstance(references, list) or not all(
-            isinstance(r, str) and r.strip() for r in references)):
-        raise ConfigError(f"{where}: `references` must be a list of record ids ([] for none), got {references!r}.")
-    return references
-
-
-def _item_id(obj: dict, n: int, where: str) -> str:
-    if "id" not in obj:
-        return f"line-{n}"
-    value = obj["id"]
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"{where}: `id` must be a non-empty string, got {value!r} (leave it out for 'line-{n}').")
-    return value
-
-
-def _positive_int(obj: dict, key: str, where: str) -> int | None:
-    value = obj.get(key)
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-        raise ConfigError(f"{where}: `{key}` must be a positive integer, got {value!r}.")
-    return value
-
-
-def _seed(obj: dict, where: str) -> int:
-    value = obj.get("seed", 0)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ConfigError(f"{where}: `seed` must be a non-negative integer, got {value!r}.")
-    return value
-
-
-def _check_guidance(guidance: Any, where: str) -> None:
-    from mmrag.generators.guidance import GUIDANCES, guidance_from_config  # torch only
-
-    if isinstance(guidance, str):
-        if guidance not in GUIDANCES:
-            raise ConfigError(f"{where}: `guidance` {guidance!r} is not one of {', '.join(map(repr, GUIDANCES))}.")
-        return
-    if not isinstance(guidance, dict):
-        raise ConfigError(f"{where}: `guidance` must be a name or an object with a 'name' key, got {guidance!r}.")
-    try:
-        guidance_from_config(guidance)
-    except MMRAGError as e:
-        raise ConfigError(f"{where}: {e}") from None
-
-
-def _check_unique(items: Sequence[AskItem | DrawItem], path: Path) -> None:
-    first: dict[str, int] = {}
-    for item in items:
-        if item.id in first:
-            raise ConfigError(f"{path}:{item.line}: duplicate id {item.id!r}, already used on line "
-                              f"{path}:{first[item.id]}; ids name the output rows and must be unique.")
-        first[item.id] = item.line
 
 
 def safe_name(item_id: str) -> str:
@@ -480,100 +327,9 @@ def run_batch_ask(config: Any, dataset: str | os.PathLike, out_dir: str | os.Pat
     On the CPU, floating-point sums depend on how many threads split them, so the Ray path repeats
     the serial one bit for bit (pixels; answers, barring a near tie) when each actor has as many
     CPUs as the serial process has torch threads (``torch.get_num_threads()``)."""
-    return _run("ask", load_ask_items(dataset), config, out_dir, ASK_OUTPUT, AskWorker,
+    return run_job("ask", load_ask_items(dataset), config, out_dir, ASK_OUTPUT, AskWorker,
                 ray_address=ray_address, use_ray=use_ray, batch_size=batch_size, concurrency=concurrency,
                 num_gpus=num_gpus, num_cpus=num_cpus, progress=progress)
-
-
-def evaluate_vqa_batch(config: Any, items: Sequence[Any], out_dir: str | os.PathLike, *, k: int | None = None,
-                       predictions_path: str | os.PathLike | None = None, ray_address: str | None = None,
-                       use_ray: bool = True, batch_size: int = 8, concurrency: int = 1, num_gpus: float | None = None,
-                       num_cpus: float | None = None, progress: bool = False) -> dict[str, Any]:
-    """``evaluate_vqa``'s three settings as one batch job (``mmrag eval vqa --ray``): each
-    (item, setting) run is an ask item (``references`` ``[]`` for no retrieval, the gold ids for
-    gold), answered by the actor pool into ``out_dir`` (resumable), then scored as
-    :func:`~mmrag.pipelines.evaluation.evaluate_vqa` scores it; the summary is the same. ``items``
-    are :class:`~mmrag.pipelines.evaluation.VQAItem`; a run that fails raises, as it does in process."""
-    from ..builders import open_knowledge_base
-    from ..config import load_config
-    from ..evaluation import check_gold_ids, vqa_row, vqa_runs, vqa_summary
-
-    cfg = load_config(config)
-    check_gold_ids(open_knowledge_base(cfg, create=False), items)
-    runs = vqa_runs(items)
-    asks = [AskItem(id=f"line-{item.line}:{setting}", question=item.question,
-                    image=None if item.image is None else str(Path(item.image).resolve()), choices=item.choices,
-                    k=k, references=references, line=item.line) for item, setting, references in runs]
-    report = _run("ask", asks, cfg, out_dir, ASK_OUTPUT, AskWorker, ray_address=ray_address, use_ray=use_ray,
-                  batch_size=batch_size, concurrency=concurrency, num_gpus=num_gpus, num_cpus=num_cpus,
-                  progress=progress)
-    answered = {row["id"]: row for row in _read_rows(report.output)}
-    rows = []
-    for ask, (item, setting, _) in zip(asks, runs):
-        row = answered[ask.id]
-        if "error" in row:
-            raise ConfigError(f"line {item.line} ({setting}): {row['error']} (delete its row from {report.output} "
-                              "to run it again)")
-        rows.append(vqa_row(item, setting, row["answer"], row["choice"], row["references"], row["cited"]))
-    return vqa_summary(items, rows, predictions_path)
-
-
-def _read_rows(path: Path) -> Iterator[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)
-
-
-def evaluate_generation_batch(config: Any, items: Sequence[Any], out_dir: str | os.PathLike, encoder: Any = None, *,
-                              guidances: Sequence[Any] | None = None, k: int | None = None, steps: int | None = None,
-                              seed: int = 0, ray_address: str | None = None, use_ray: bool = True,
-                              batch_size: int = 8, concurrency: int = 1, num_gpus: float | None = None,
-                              num_cpus: float | None = None, progress: bool = False) -> dict[str, Any]:
-    """``evaluate_generation`` as two batch jobs (``mmrag eval generation --ray``): the first
-    guidance draws every prompt with retrieval (``out_dir/first``), the others draw with the
-    references it found (``out_dir/rest``), so that only the guidance differs; the drawings are
-    then scored here with ``encoder`` (default: the KB's embedder). Both jobs resume."""
-    from ..builders import open_knowledge_base
-    from ..config import load_config
-    from ..evaluation import GUIDANCE_NAMES, generation_summary, guidance_name
-
-    cfg = load_config(config)
-    kb = open_knowledge_base(cfg, create=False)
-    guidances = list(GUIDANCE_NAMES if guidances is None else guidances)
-    names = [guidance_name(g) for g in guidances]
-    if not names or len(set(names)) != len(names):
-        raise ConfigError(f"`guidances` must name distinct guidances, got {names!r}.")
-    out = Path(out_dir)
-    options = dict(ray_address=ray_address, use_ray=use_ray, batch_size=batch_size, concurrency=concurrency,
-                   num_gpus=num_gpus, num_cpus=num_cpus, progress=progress)
-    ident = lambda item, g: f"line-{item.line}:{guidance_name(g)}"  # noqa: E731
-    first = [DrawItem(id=ident(item, guidances[0]), prompt=item.prompt, k=k, guidance=guidances[0], steps=steps,
-                      seed=seed, line=item.line) for item in items]
-    first_rows = _drawn(_run("draw", first, cfg, out / "first", DRAW_OUTPUT, DrawWorker, **options))
-    rest = [DrawItem(id=ident(item, g), prompt=item.prompt, k=k, guidance=g, steps=steps, seed=seed,
-                     references=first_rows[ident(item, guidances[0])]["references"], line=item.line)
-            for item in items for g in guidances[1:]]
-    rows = {**first_rows, **(_drawn(_run("draw", rest, cfg, out / "rest", DRAW_OUTPUT, DrawWorker, **options))
-                             if rest else {})}
-    from PIL import Image
-
-    drawings = []
-    for item in items:
-        for j, g in enumerate(guidances):
-            row = rows[ident(item, g)]
-            folder = out / ("first" if j == 0 else "rest")
-            drawings.append((item, guidance_name(g), [Image.open(folder / name).convert("RGB") for name in row["images"]]))
-    return generation_summary(items, drawings, encoder if encoder is not None else kb.embedder)
-
-
-def _drawn(report: BatchReport) -> dict[str, dict[str, Any]]:
-    """The rows of a finished draw job by id; an item that failed raises, as it does in process."""
-    rows = {row["id"]: row for row in _read_rows(report.output)}
-    for row in rows.values():
-        if "error" in row:
-            raise ConfigError(f"{row['id']}: {row['error']} (delete its row from {report.output} to run it again)")
-    return rows
 
 
 def run_batch_draw(config: Any, prompts: str | os.PathLike, out_dir: str | os.PathLike, *,
@@ -581,14 +337,16 @@ def run_batch_draw(config: Any, prompts: str | os.PathLike, out_dir: str | os.Pa
                    num_gpus: float | None = None, num_cpus: float | None = None, progress: bool = False) -> BatchReport:
     """Draw every prompt of ``prompts`` (JSONL) into ``out_dir/drawings.jsonl`` and
     ``out_dir/images/``, resuming a previous run there; the options are :func:`run_batch_ask`'s."""
-    return _run("draw", load_draw_items(prompts), config, out_dir, DRAW_OUTPUT, DrawWorker,
+    return run_job("draw", load_draw_items(prompts), config, out_dir, DRAW_OUTPUT, DrawWorker,
                 ray_address=ray_address, use_ray=use_ray, batch_size=batch_size, concurrency=concurrency,
                 num_gpus=num_gpus, num_cpus=num_cpus, progress=progress)
 
 
-def _run(command: str, items: list, config: Any, out_dir: str | os.PathLike, output_name: str, worker_cls: type, *,
-         ray_address: str | None, use_ray: bool, batch_size: int, concurrency: int, num_gpus: float | None,
-         num_cpus: float | None, progress: bool) -> BatchReport:
+def run_job(command: str, items: list, config: Any, out_dir: str | os.PathLike, output_name: str, worker_cls: type, *,
+            ray_address: str | None, use_ray: bool, batch_size: int, concurrency: int, num_gpus: float | None,
+            num_cpus: float | None, progress: bool) -> BatchReport:
+    """Run ``items`` (checked :class:`AskItem` / :class:`DrawItem`) through ``worker_cls`` into
+    ``out_dir/output_name``, skipping the ids already there; the jobs and the evaluations share it."""
     from ..config import load_config
 
     _check_options(ray_address, use_ray, batch_size, concurrency, num_gpus, num_cpus)

@@ -58,6 +58,12 @@ def toy_clip_tokenizer(world: ToyWorld, max_length: int) -> CLIPTokenizer:
     return clip_tokenizer(max_length, world.tokenizer_corpus())
 
 
+def recorded_world(model_dir: str | os.PathLike) -> ToyWorld:
+    """The world a toy model was trained in, as its ``toyworld.json`` records it (else ``ToyWorld()``)."""
+    settings = pathlib.Path(model_dir) / SETTINGS_NAME
+    return ToyWorld(**json.loads(settings.read_text())["world"]) if settings.is_file() else ToyWorld()
+
+
 def multi_positive_loss(text_features: torch.Tensor, image_features: torch.Tensor, positives: torch.Tensor,
                         logit_scale: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE where ``positives[i, j]`` marks every image ``j`` that caption ``i`` describes.
@@ -217,9 +223,7 @@ def evaluate_toy_clip(path: str | os.PathLike, split: str = "heldout", *, world:
     from mmrag.retrievers import DualEncoder
 
     path = pathlib.Path(path)
-    if world is None:
-        settings = path / SETTINGS_NAME
-        world = ToyWorld(**json.loads(settings.read_text())["world"]) if settings.is_file() else ToyWorld()
+    world = recorded_world(path) if world is None else world
     entities = world.entities(split)
     index = {e.name: i for i, e in enumerate(entities)}
     encoder = DualEncoder(path, device="cpu", dtype="float32", batch_size=batch_size)

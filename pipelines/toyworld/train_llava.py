@@ -57,6 +57,7 @@ from transformers import (
 from ..dev.sample_data import _SYLLABLES
 from ..dev.tiny_models import _LLAVA_CHAT_TEMPLATE, _clip_image_processor, _special_ids, llama_tokenizer
 from .models import shipped_model_dir
+from .train_clip import SETTINGS_NAME, recorded_world
 from .world import COLOURS, PATTERNS, SHAPES, SLOTS, Entity, ToyWorld, full_caption
 
 NAME_QUESTION = "What is the name of this entity?"
@@ -69,7 +70,6 @@ AUX_WEIGHT = 0.3
 P_NAME = 0.7  # the rest are attribute questions
 NAME_K = (1, 2, 2, 3, 3)  # name questions: picking among distractors is the hard part, so it gets most steps
 LOG_NAME = "train_log.jsonl"
-SETTINGS_NAME = "toyworld.json"
 CHECKPOINTS = "checkpoints"
 _KEEP_CHECKPOINTS = 2
 
@@ -410,9 +410,7 @@ def evaluate_toy_llava(path: str | os.PathLike, *, split: str = "heldout", n: in
     ``world`` defaults to the one recorded in ``toyworld.json`` next to the weights, else ``ToyWorld()``.
     """
     path = pathlib.Path(path)
-    if world is None:
-        settings = path / SETTINGS_NAME
-        world = ToyWorld(**json.loads(settings.read_text())["world"]) if settings.is_file() else ToyWorld()
+    world = recorded_world(path) if world is None else world
     entities = world.entities(split)
     if n is not None:
         if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
