@@ -103,11 +103,18 @@ class LexicalIndex:
             self._bm25, self._ids, self._revision = bm25, ids, None
             return
         (tmp / "meta.json").write_text(json.dumps({"revision": revision, "ids": ids}))
-        # swap in the new index; a concurrent reader keeps what it already loaded
+        # swap in the new index; a concurrent reader keeps what it already loaded. Another process
+        # may be swapping in its own rebuild at the same moment (the soak test's readers did): the
+        # index is a cache, so whichever lands is kept and this one is dropped.
         old = self.dir.with_name(f".{_DIR}-old-{uuid.uuid4().hex[:8]}")
-        if self.dir.exists():
+        try:
             os.replace(self.dir, old)
-        os.replace(tmp, self.dir)
+        except FileNotFoundError:  # none yet, or another process moved it away first
+            pass
+        try:
+            os.replace(tmp, self.dir)
+        except OSError:  # another process's rebuild landed in between (a non-empty folder is in place)
+            shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
         self._bm25, self._ids, self._revision = bm25, ids, revision
 
