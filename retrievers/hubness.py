@@ -62,6 +62,7 @@ from .errors import ConfigError
 
 if TYPE_CHECKING:
     from .kb import KnowledgeBase
+    from .kb.store import VectorStore
 
 METHODS = ("qbnorm", "dbnorm")
 SCOPES = ("auto", "gallery", "candidates")
@@ -189,7 +190,7 @@ class GalleryCache:
         return self.get(("vectors", collection), lambda: self._fetch(collection))
 
     def _fetch(self, collection: str) -> StoredVectors:
-        col = self.kb.vectors.images if collection == "images" else self.kb.vectors.texts
+        col = self.kb.vectors.collection(collection)
         ids: list[str] = []
         blocks: list[np.ndarray] = []
         offset = 0
@@ -249,12 +250,13 @@ def bank_stats(bank_vecs: np.ndarray, bank_ids: np.ndarray, gallery: StoredVecto
     return BankStats(log_z, active)
 
 
-def ann_activation(col, bank_vecs: np.ndarray, bank_ids: np.ndarray, batch: int = 512) -> frozenset[str]:
+def ann_activation(store: "VectorStore", collection: str, bank_vecs: np.ndarray, bank_ids: np.ndarray,
+                   batch: int = 512) -> frozenset[str]:
     """QB-Norm's activation set from the ANN index (candidates scope): each bank vector's top-1
     record other than its own (hence 2 results), found with batched queries."""
     active: set[str] = set()
     for start in range(0, len(bank_ids), batch):
-        res = col.query(query_embeddings=bank_vecs[start:start + batch], n_results=2, include=[])
+        res = store.query(collection, bank_vecs[start:start + batch], 2)
         for found, own in zip(res["ids"], bank_ids[start:start + batch].tolist()):
             active.update([r for r in found if r != own][:1])
     return frozenset(active)

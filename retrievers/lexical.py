@@ -51,7 +51,7 @@ class LexicalIndex:
         docs, scores = bm25.retrieve([tokens], k=fetch, show_progress=False)
         hits = [(ids[d], float(s)) for d, s in zip(docs[0], scores[0]) if s > 0]
         if where is not None and hits:
-            allowed = set(self.kb.vectors.texts.get(ids=[i for i, _ in hits], where=where, include=[])["ids"])
+            allowed = set(self.kb.vectors.ids_where("texts", where, ids=[i for i, _ in hits]))
             hits = [h for h in hits if h[0] in allowed]
         return hits[:n]
 

@@ -403,3 +403,30 @@ class VectorStore:
 
     def count(self) -> int:
         return self.texts.count()
+
+    # The reads retrieval channels make. They go through here, not through the collections, so that
+    # a channel never depends on how (or in which store) the vectors are kept.
+    def collection(self, which: str):
+        """The ``"images"`` or ``"texts"`` collection."""
+        if which == "images":
+            return self.images
+        if which == "texts":
+            return self.texts
+        raise ValueError(f"unknown collection {which!r}; expected 'images' or 'texts'")
+
+    def query(self, which: str, vectors: Sequence[np.ndarray] | np.ndarray, n: int, where: dict | None = None,
+              include: Sequence[str] = ()) -> dict[str, list]:
+        """Nearest ``n`` records of ``which`` for each query vector (Chroma's batched result:
+        ``ids``, and the fields in ``include``, each a list per query vector). Fewer come back
+        when the collection, or the filter, holds fewer."""
+        return self.collection(which).query(query_embeddings=vectors, n_results=n, where=where, include=list(include))
+
+    def fetch(self, which: str, ids: Sequence[str],
+              include: Sequence[str] = ("embeddings", "metadatas", "documents")) -> dict[str, list]:
+        """Chroma's ``get`` of ``ids`` in ``which``; ids not stored are absent from the result."""
+        return self.collection(which).get(ids=list(ids), include=list(include))
+
+    def ids_where(self, which: str, where: dict, ids: Sequence[str] | None = None) -> list[str]:
+        """The ids of ``which`` (among ``ids`` when given) whose metadata matches ``where``."""
+        kwargs = {} if ids is None else {"ids": list(ids)}
+        return self.collection(which).get(where=where, include=[], **kwargs)["ids"]
