@@ -20,6 +20,8 @@ _EXPORTS = {
     "VQAOutput": "mmrag.pipelines.outputs",
     "EntityImagePipeline": "mmrag.pipelines.draw",
     "ImageOutput": "mmrag.pipelines.outputs",
+    "match_sets": "mmrag.pipelines.match",
+    "MatchResult": "mmrag.pipelines.match",
     "make_sample_set": "mmrag.pipelines.dev.sample_data",
     "build_tiny_models": "mmrag.pipelines.dev.tiny_models",
 }
