@@ -159,11 +159,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--where", metavar="JSON", help="metadata filter for the references")
     p.add_argument("--rerank", choices=["dual_encoder", "cross_encoder", "vlm"],
                    help="rerank the references with this reranker (default: reranker.name of the config)")
+    p.add_argument("--retrieve-or-generate", action=argparse.BooleanOptionalAction, default=None,
+                   help="return the best retrieved image instead of drawing when it matches the prompt well enough "
+                        "(its text->image cosine >= the threshold) (default: draw.decide)")
+    p.add_argument("--decide-threshold", type=float, metavar="T",
+                   help="with --retrieve-or-generate: that cosine (default: draw.decide_threshold; calibrate it with "
+                        "`mmrag eval decide`)")
     _add_output(p)
     p.add_argument("--html", metavar="FILE", help="also write an HTML report")
 
-    ev = sub.add_parser("eval", help="evaluate retrieval, VQA or generation").add_subparsers(
-        dest="eval_command", required=True, metavar="WHAT", help="retrieval, vqa or generation")
+    ev = sub.add_parser("eval", help="evaluate retrieval, VQA, generation or retrieve-or-generate").add_subparsers(
+        dest="eval_command", required=True, metavar="WHAT", help="retrieval, vqa, generation or decide")
+    p = ev.add_parser("decide", parents=[models],
+                      help="calibrate draw.decide_threshold: the threshold that best tells prompts the KB can answer "
+                           "with a stored image from prompts to draw")
+    _add_kb(p)
+    p.add_argument("--labels", required=True, metavar="FILE.jsonl",
+                   help='lines {"prompt": ..., "label": "retrieve" | "generate"} (retrieve: the KB holds an image '
+                        'that satisfies the prompt)')
+    p.add_argument("-k", type=int, help="references retrieved per prompt (default: draw.k)")
+    p.add_argument("--decide-threshold", type=float, metavar="T",
+                   help="also report accuracy at this threshold (e.g. one calibrated on another file)")
+    _add_output(p)
     p = ev.add_parser("generation", parents=[models], help="CLIP-T and CLIP-I for cfg / joint / interleaved, per bucket")
     _add_kb(p)
     p.add_argument("--prompts", required=True, metavar="FILE.jsonl", help="prompt, entity, held-out images, bucket")
@@ -201,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ablation", action="store_true", help="skip the per-channel runs")
     _add_output(p)
 
+    from .match import add_match_parser
     from .mcp_server import add_mcp_parser
     from .scale.batch import add_batch_parser
     from .serve.commands import add_keys_parser, add_serve_parser
@@ -209,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub, [models])
     add_keys_parser(sub, [plain])
     add_batch_parser(sub, models, _add_kb)
+    add_match_parser(sub, models)
 
     p = sub.add_parser("tiny-models", parents=[plain], help="build the tiny offline models into DIR")
     p.add_argument("directory", metavar="DIR", help="where to write them (one folder per model)")
@@ -378,6 +397,12 @@ def _cmd_batch(args) -> int:
     return cmd_batch(args)
 
 
+def _cmd_match(args) -> int:
+    from .match import cmd_match
+
+    return cmd_match(args)
+
+
 def _cmd_kb(args) -> int:
     from .builders import open_knowledge_base
 
@@ -442,11 +467,16 @@ def print_drawing(out: Any, paths: Sequence[Path], sheet: Path, as_json: bool) -
     if as_json:
         print(json.dumps({"images": [str(p) for p in paths], "contact_sheet": str(sheet), "guidance": out.guidance,
                           "fallback": out.fallback, "references": [{"id": h.id, "score": h.score, "text": h.record.text}
-                                                                   for h in out.references], "timings": out.timings}))
+                                                                   for h in out.references], "timings": out.timings,
+                          "decision": out.decision, "decision_score": out.decision_score,
+                          "decision_threshold": out.decision_threshold, "decision_reason": out.decision_reason}))
         return
+    if out.decision is not None:
+        print(f"{out.decision}: {out.decision_reason}")
     if out.fallback:
         print(f"note: {out.fallback}")
-    print(f"guidance: {out.guidance}")
+    if out.decision != "retrieved":
+        print(f"guidance: {out.guidance}")
     for h in out.references:
         print(f"reference {h.rank}: {h.score:8.4f}  {h.id}  {h.record.text[:70]}")
     print("wrote " + ", ".join(str(p) for p in paths) + f" and the contact sheet {sheet}")
@@ -541,12 +571,28 @@ def _cmd_ask(args) -> int:
     return 0
 
 
+def _check_decide_threshold_flag(value: float | None) -> None:
+    """``--decide-threshold`` is a cosine; refused here, naming the flag, before any model loads."""
+    from mmrag.retrievers import ConfigError
+
+    from .config import decide_threshold_problem
+
+    if value is not None and decide_threshold_problem(value) is not None:
+        raise ConfigError(f"`--decide-threshold` must be a cosine similarity in [-1, 1], got {value!r}; calibrate "
+                          "one with `mmrag eval decide --labels FILE.jsonl --kb DIR`.")
+
+
 def _cmd_draw(args) -> int:
+    from mmrag.retrievers import ConfigError, Query
+
+    _check_decide_threshold_flag(args.decide_threshold)
     if args.server:
+        if args.retrieve_or_generate is not None or args.decide_threshold is not None:
+            raise ConfigError("`--retrieve-or-generate` and `--decide-threshold` are not available with --server: the "
+                              "server decides when its config sets draw.decide and draw.decide_threshold.")
         from .client_cli import draw_via_server
 
         return draw_via_server(args)
-    from mmrag.retrievers import ConfigError, Query
 
     from .builders import uses_tiny_models
     from .draw import EntityImagePipeline
@@ -557,13 +603,25 @@ def _cmd_draw(args) -> int:
     if args.kb is None and not args.reference:
         raise ConfigError("Give --kb DIR to retrieve references, or --reference IMAGE (repeatable).")
     references = [Query.coerce(Query(image=r)).image for r in args.reference] if args.reference else None
+    if args.retrieve_or_generate and args.reference:
+        raise ConfigError("`--retrieve-or-generate` chooses between a retrieved image and a drawing, and `--reference` "
+                          "skips retrieval: use one or the other.")
     cfg = _config(args, **{"kb.path": args.kb, "kb.url": args.url, "draw.k": args.k,
-                           "draw.num_inference_steps": args.steps})
+                           "draw.num_inference_steps": args.steps, "draw.decide_threshold": args.decide_threshold})
+    deciding = cfg.draw.decide if args.retrieve_or_generate is None else args.retrieve_or_generate
+    if args.decide_threshold is not None and not deciding:
+        raise ConfigError("`--decide-threshold` applies only when deciding: add `--retrieve-or-generate` "
+                          "(or set draw.decide: true in the config).")
+    if deciding and cfg.draw.decide_threshold is None:
+        raise ConfigError("`--retrieve-or-generate` needs a threshold: `--decide-threshold T` (a cosine in [-1, 1] for "
+                          "this embedder) or draw.decide_threshold in the config; calibrate one with `mmrag eval decide "
+                          "--labels FILE.jsonl --kb DIR`.")
     pipe = EntityImagePipeline.from_config(cfg, with_kb=args.kb is not None)
     progress = _bar(args, pipe.num_inference_steps, "draw", unit="step")
     step_bar = {} if progress is None else {"callback_on_step_end": lambda gen, i, t, tensors: progress(i + 1) or {}}
     out = pipe(args.prompt, references=references, guidance=args.guidance, seed=args.seed,
-               where=_parse_where(args.where), num_images_per_prompt=args.num_images, **step_bar)
+               where=_parse_where(args.where), num_images_per_prompt=args.num_images,
+               decide=args.retrieve_or_generate, **step_bar)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     paths = [output if i == 0 else output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(len(out.images))]
@@ -582,6 +640,18 @@ def _cmd_eval(args) -> int:
     from .builders import build_reranker, build_retriever, open_knowledge_base
     from .evaluation import evaluate_retrieval, evaluate_vqa, load_queries, load_vqa_dataset, vqa_table
 
+    if args.eval_command == "decide":
+        from .draw import EntityImagePipeline
+        from .evaluation import decide_table, evaluate_decide, load_decide_labels
+
+        items = load_decide_labels(args.labels)
+        _check_decide_threshold_flag(args.decide_threshold)  # now, not after every prompt is scored
+        cfg = _config(args, **{"kb.path": args.kb, "kb.url": args.url, "draw.k": args.k})
+        pipe = EntityImagePipeline.from_config(cfg, with_generator=False)  # scoring needs no diffusion model
+        summary = evaluate_decide(pipe, items, threshold=args.decide_threshold,
+                                  progress=_bar(args, len(items), "eval decide", unit="prompt"))
+        print(json.dumps(summary) if args.json else decide_table(summary))
+        return 0
     if args.eval_command == "generation":
         from .draw import EntityImagePipeline
         from .evaluation import evaluate_generation, generation_table, load_generation_prompts
@@ -703,7 +773,7 @@ def _cmd_mcp(args) -> int:
     return cmd_mcp(args)
 
 
-_COMMANDS = {"ingest": _cmd_ingest, "kb": _cmd_kb, "search": _cmd_search, "ask": _cmd_ask, "draw": _cmd_draw, "eval": _cmd_eval, "tiny-models": _cmd_tiny_models, "demo": _cmd_demo, "env": _cmd_env, "mcp": _cmd_mcp, "serve": _cmd_serve, "keys": _cmd_keys, "batch": _cmd_batch, "toy-bench": _cmd_toy_bench}
+_COMMANDS = {"ingest": _cmd_ingest, "kb": _cmd_kb, "search": _cmd_search, "ask": _cmd_ask, "draw": _cmd_draw, "eval": _cmd_eval, "tiny-models": _cmd_tiny_models, "demo": _cmd_demo, "env": _cmd_env, "mcp": _cmd_mcp, "serve": _cmd_serve, "keys": _cmd_keys, "batch": _cmd_batch, "match": _cmd_match, "toy-bench": _cmd_toy_bench}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -678,7 +678,9 @@ class Client:
         references = [self._reference(r, given[i] if given is not None and i < len(given) else None)
                       for i, r in enumerate(d["references"])]
         return ImageOutput(images=[_decode_png(s) for s in d["images"]], references=references,
-                           guidance=dict(d["guidance"]), fallback=d["fallback"], timings=dict(d["timings"]))
+                           guidance=dict(d["guidance"]), fallback=d["fallback"], timings=dict(d["timings"]),
+                           decision=d.get("decision"), decision_score=d.get("decision_score"),  # absent: older server
+                           decision_threshold=d.get("decision_threshold"), decision_reason=d.get("decision_reason"))
 
 
 # ---------------------------------------------------------------------------------------- helpers

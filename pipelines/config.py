@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from mmrag.retrievers.errors import ConfigError
 from mmrag.retrievers.rerank import DEFAULT_CROSS_ENCODER_RERANKER, DEFAULT_DUAL_ENCODER_RERANKER
@@ -152,6 +152,38 @@ class DrawConfig(_Section):
     width: int | None = None
     channels: list[str] = Field(default_factory=lambda: ["text_to_image", "lexical"])
     fold_reference_texts: bool = False
+    # Retrieve or generate (GILL's decision, training-free): return the best retrieved image instead of
+    # drawing when its text -> image cosine with the prompt reaches decide_threshold. The cosine scale
+    # is the embedder's own, so no default threshold fits every model: calibrate one per embedder
+    # with `mmrag eval decide`. strict: a YAML `true` is not the cosine 1.0.
+    decide: bool = False
+    decide_threshold: float | None = None
+
+    @field_validator("decide_threshold", mode="before")
+    @classmethod
+    def _check_threshold(cls, value):
+        problem = decide_threshold_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+    @model_validator(mode="after")
+    def _check_decide(self):
+        if self.decide and self.decide_threshold is None:
+            raise ValueError("`decide: true` needs `decide_threshold`, a cosine in [-1, 1] for the embedder in use; "
+                             "calibrate one with `mmrag eval decide --labels FILE.jsonl --kb DIR`")
+        return self
+
+
+def decide_threshold_problem(value: Any) -> str | None:
+    """What is wrong with ``value`` as ``decide_threshold`` (None when nothing is): it must be a
+    number in [-1, 1], the range of a cosine. A bool is refused, so that a YAML ``true`` is not 1.0."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -1.0 <= value <= 1.0:  # NaN fails too
+        return (f"`decide_threshold` must be a cosine similarity in [-1, 1], got {value!r}; calibrate one "
+                "with `mmrag eval decide --labels FILE.jsonl --kb DIR`")
+    return None
 
 
 def _default_guidance() -> dict[str, Any]:

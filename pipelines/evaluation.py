@@ -448,3 +448,124 @@ def generation_table(summary: dict[str, Any]) -> str:
                   else "-" for b in buckets]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- retrieve or generate
+DECIDE_LABELS = ("retrieve", "generate")
+
+
+@dataclass
+class DecideItem:
+    prompt: str
+    label: str  # "retrieve": the KB holds an image that satisfies the prompt; "generate": it does not
+    line: int
+
+
+def load_decide_labels(path: str | Path) -> list[DecideItem]:
+    """JSONL lines ``{"prompt": ..., "label": "retrieve" | "generate"}``; both labels must occur."""
+    items = []
+    for n, obj, where in _jsonl(path, "--labels"):
+        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
+            raise ConfigError(f"{where}: needs a non-empty `prompt`.")
+        if obj.get("label") not in DECIDE_LABELS:
+            raise ConfigError(f"{where}: `label` must be one of {', '.join(map(repr, DECIDE_LABELS))}, "
+                              f"got {obj.get('label')!r}.")
+        items.append(DecideItem(obj["prompt"], obj["label"], n))
+    missing = [label for label in DECIDE_LABELS if not any(i.label == label for i in items)]
+    if missing:
+        raise ConfigError(f"{path} has no {missing[0]!r} lines: a threshold is calibrated between the two labels, "
+                          "so give prompts of both.")
+    return items
+
+
+def _decide_arrays(scores: Sequence[float], labels: Sequence[str]):
+    import numpy as np
+
+    if len(scores) != len(labels) or not len(scores):
+        raise ConfigError(f"`scores` and `labels` must be non-empty and of one length, got {len(scores)} and {len(labels)}.")
+    bad = [lab for lab in labels if lab not in DECIDE_LABELS]
+    if bad:
+        raise ConfigError(f"`labels` must be {' or '.join(map(repr, DECIDE_LABELS))}, got {bad[0]!r}.")
+    s = np.asarray(scores, dtype=np.float64)
+    if not np.isfinite(s).all():
+        raise ConfigError(f"`scores` must be finite numbers, got {s[~np.isfinite(s)][0]!r}.")
+    return s, np.array([lab == "retrieve" for lab in labels])
+
+
+def _rates(retrieved, should) -> tuple[float, float]:
+    """(accuracy, balanced accuracy: the mean of each present label's recall) of boolean decisions."""
+    correct = retrieved == should
+    recalls = [float(correct[should == value].mean()) for value in (True, False) if (should == value).any()]
+    return float(correct.mean()), sum(recalls) / len(recalls)
+
+
+def decide_accuracy(scores: Sequence[float], labels: Sequence[str], threshold: float) -> tuple[float, float]:
+    """(accuracy, balanced accuracy) of the rule "retrieve when score >= threshold" on labelled prompts."""
+    s, should = _decide_arrays(scores, labels)
+    return _rates(s >= threshold, should)
+
+
+def best_decide_threshold(scores: Sequence[float], labels: Sequence[str]) -> tuple[float, float]:
+    """The threshold of "retrieve when score >= threshold" that maximises accuracy on labelled
+    prompts, and that accuracy.
+
+    Accuracy only changes at the scores, so the candidates are one per gap: the midpoint between
+    each two adjacent distinct scores (a threshold away from both, not on a score), the lowest
+    score (retrieve everything) and the float just above the highest (draw everything). Ties:
+    the higher balanced accuracy, then the lower threshold. O(n log n).
+    """
+    import numpy as np
+
+    s, should = _decide_arrays(scores, labels)
+    values = np.unique(s)  # sorted, distinct
+    lo, hi = values[:-1], values[1:]
+    mid = (lo + hi) / 2
+    mid = np.where(mid > lo, mid, hi)  # adjacent floats: the rounded midpoint must still lie above lo
+    candidates = np.concatenate([values[:1], mid, [np.nextafter(values[-1], np.inf)]])
+    pos, neg = np.sort(s[should]), np.sort(s[~should])
+    tp = len(pos) - np.searchsorted(pos, candidates, side="left")  # retrieve-labelled with score >= t
+    tn = np.searchsorted(neg, candidates, side="left")  # generate-labelled with score < t
+    recalls = [r for r, n in ((tp / max(len(pos), 1), len(pos)), (tn / max(len(neg), 1), len(neg))) if n]
+    balanced = sum(recalls) / len(recalls)
+    best = np.lexsort((candidates, -balanced, -(tp + tn)))[0]
+    return float(candidates[best]), float((tp[best] + tn[best]) / len(s))
+
+
+def evaluate_decide(pipeline, items: Sequence[DecideItem], *, k: int | None = None, threshold: float | None = None,
+                    progress=None) -> dict[str, Any]:
+    """Calibrate retrieve-or-generate: each prompt's best-reference score (``pipeline.best_reference``,
+    what :class:`~mmrag.pipelines.draw.EntityImagePipeline` compares with ``decide_threshold``),
+    the accuracy-maximising threshold (:func:`best_decide_threshold`), its accuracy and balanced
+    accuracy, and with ``threshold`` the same at that threshold (one calibrated elsewhere)."""
+    rows = []
+    for i, item in enumerate(items):
+        hit, score = pipeline.best_reference(item.prompt, k=k)
+        if hit is None:
+            raise ConfigError(f"line {item.line}: no reference with a stored image was retrieved for {item.prompt!r}; "
+                              "a prompt needs one to be scored.")
+        rows.append({"line": item.line, "prompt": item.prompt, "label": item.label, "score": score, "best": hit.id})
+        if progress is not None:
+            progress(i + 1)
+    scores, labels = [r["score"] for r in rows], [r["label"] for r in rows]
+    best, accuracy = best_decide_threshold(scores, labels)
+    summary: dict[str, Any] = {
+        "n": len(rows), "n_retrieve": labels.count("retrieve"), "n_generate": labels.count("generate"),
+        "best": {"threshold": best, "accuracy": accuracy, "balanced_accuracy": decide_accuracy(scores, labels, best)[1]},
+        "rows": rows,
+    }
+    if threshold is not None:
+        acc, bal = decide_accuracy(scores, labels, threshold)
+        summary["at_threshold"] = {"threshold": float(threshold), "accuracy": acc, "balanced_accuracy": bal}
+    return summary
+
+
+def decide_table(summary: dict[str, Any]) -> str:
+    lines = [f"{summary['n']} prompts ({summary['n_retrieve']} retrieve, {summary['n_generate']} generate); "
+             "rule: retrieve when the best reference's text -> image cosine >= threshold",
+             "| threshold | accuracy | balanced accuracy |", "|---|---|---|"]
+    for name in ("best", "at_threshold"):
+        if name in summary:
+            d = summary[name]
+            label = " (best on this file)" if name == "best" else " (given)"
+            lines.append(f"| {d['threshold']:.4f}{label} | {d['accuracy']:.3f} | {d['balanced_accuracy']:.3f} |")
+    return "\n".join(lines)

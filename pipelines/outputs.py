@@ -63,6 +63,12 @@ class ImageOutput:
 
     ``references`` are the hits whose images conditioned the generation (empty: plain CFG, and
     ``fallback`` says so); ``guidance`` is the guidance actually used, as a dict.
+
+    With retrieve-or-generate (``decide``), ``decision`` is ``"retrieved"`` or ``"generated"`` (None:
+    the pipeline did not decide); ``decision_score`` is the best reference's text -> image cosine with
+    the prompt (None: nothing was retrieved), compared with ``decision_threshold``; and
+    ``decision_reason`` says it in words. When retrieved, no diffusion ran: ``images`` holds that
+    reference's stored image, ``references`` that one hit, ``guidance`` is empty and ``generation`` None.
     """
 
     images: list[Image.Image]
@@ -71,6 +77,10 @@ class ImageOutput:
     fallback: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
     generation: GenerationOutput | None = None
+    decision: str | None = None
+    decision_score: float | None = None
+    decision_threshold: float | None = None
+    decision_reason: str | None = None
 
 
 def contact_sheet(references: Sequence[Image.Image], results: Sequence[Image.Image], height: int = 256) -> Image.Image:

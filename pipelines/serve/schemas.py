@@ -201,6 +201,12 @@ class DrawResponse(_Response):
     guidance: dict[str, Any] = Field(description="the guidance actually used")
     fallback: str | None = Field(description="why the requested guidance was replaced, if it was")
     timings: dict[str, float]
+    # retrieve-or-generate (draw.decide in the server's config); all null when the server did not decide
+    decision: Literal["retrieved", "generated"] | None = Field(
+        None, description="retrieved: `images` is the best reference's stored image and nothing was drawn")
+    decision_score: float | None = Field(None, description="the best reference's text->image cosine with the prompt")
+    decision_threshold: float | None = None
+    decision_reason: str | None = None
 
 
 class JobAccepted(_Response):

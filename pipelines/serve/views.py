@@ -48,7 +48,9 @@ def ask_out(out: VQAOutput) -> AskResponse:
 def draw_out(out: ImageOutput, given_references: bool) -> DrawResponse:
     return DrawResponse(images=[base64.b64encode(png(im)).decode("ascii") for im in out.images],
                         references=[reference_out(h, given=given_references) for h in out.references],
-                        guidance=out.guidance, fallback=out.fallback, timings=out.timings)
+                        guidance=out.guidance, fallback=out.fallback, timings=out.timings, decision=out.decision,
+                        decision_score=out.decision_score, decision_threshold=out.decision_threshold,
+                        decision_reason=out.decision_reason)
 
 
 def png(image: Image.Image) -> bytes:
