@@ -43,21 +43,43 @@ def open_knowledge_base(config: Config, *, create: bool = True) -> KnowledgeBase
         embedder = build_embedder(config)
     elif exists:
         _rebuild_missing_tiny_model(path, config)
+    late_interaction, fde = None, None
+    if config.late_interaction.model is not None and (exists or create):
+        late_interaction = build_multivector_encoder(config)
+        if not exists:
+            from mmrag.retrievers.muvera import DEFAULT_FDE, FDEConfig
+
+            fde = FDEConfig.from_dict({**DEFAULT_FDE.to_dict(), **config.late_interaction.fde,
+                                       "dim": late_interaction.dim})
     # (no KB and create=False: KnowledgeBase.open says so, before any model is looked for)
     return KnowledgeBase.open(path, embedder, kb.url, create=create, lock_timeout=kb.lock_timeout,
                               max_image_pixels=kb.max_image_pixels, max_text_chars=kb.max_text_chars,
-                              allow_remote=kb.allow_remote, hnsw=kb.hnsw)
+                              allow_remote=kb.allow_remote, hnsw=kb.hnsw, late_interaction=late_interaction, fde=fde)
+
+
+def build_multivector_encoder(config: Config):
+    """The ``late_interaction`` section's multi-vector encoder (its weights load on first use)."""
+    from mmrag.retrievers.multivector import MultiVectorEncoder
+
+    li = config.late_interaction
+    check_device("late_interaction.device", li.device)
+    return MultiVectorEncoder(config.resolve_model(li.model), device=li.device, dtype=li.dtype,
+                              batch_size=li.batch_size, trust_remote_code=li.trust_remote_code)
 
 
 def _rebuild_missing_tiny_model(path: Path, config: Config) -> None:
     try:
-        model_id = json.loads((path / MANIFEST_NAME).read_text())["embedder"]["model_id"]
+        manifest = json.loads((path / MANIFEST_NAME).read_text())
+        model_ids = [manifest["embedder"]["model_id"]]
     except (OSError, ValueError, KeyError):
         return  # KnowledgeBase.open reports an unreadable manifest properly
-    model_path = Path(model_id)
+    if isinstance(manifest.get("late_interaction"), dict):
+        model_ids.append(manifest["late_interaction"].get("model_id", ""))
     cache = Path(config.tiny_models.cache_dir).expanduser().resolve()
-    if model_path.is_absolute() and not model_path.exists() and model_path.parent == cache:
-        config.resolve_model(TINY_PREFIX + model_path.name)
+    for model_id in model_ids:
+        model_path = Path(model_id)
+        if model_path.is_absolute() and not model_path.exists() and model_path.parent == cache:
+            config.resolve_model(TINY_PREFIX + model_path.name)
 
 
 def build_reranker(config: Config, *, vlm: Any = None):

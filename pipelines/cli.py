@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", metavar="FILE", help="write the full report as JSONL here (default: KB/reports/)")
     p.add_argument("--allow-remote", action="store_true", default=None, help="fetch http(s) image URLs in manifests")
     p.add_argument("--lock-timeout", type=float, metavar="S", help="wait this many seconds for another writer")
+    p.add_argument("--late-interaction", metavar="MODEL",
+                   help="give a new KB a late-interaction index built with this ColPali-family model "
+                        "(e.g. vidore/colpali-v1.3-hf, tiny:colpali), searched by --channels late_interaction "
+                        "(default: late_interaction.model of the config)")
     add_ray_arguments(p, "embedding actors (each holds one copy of the embedder)",
                       "1 while that leaves a CPU for the read tasks")
     _add_output(p, "the report summary as JSON")
@@ -232,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tiny-models", parents=[plain], help="build the tiny offline models into DIR")
     p.add_argument("directory", metavar="DIR", help="where to write them (one folder per model)")
     p.add_argument("--only", nargs="+", metavar="NAME", help="build only these (clip, siglip, llava, idefics3, "
-                                                               "blip-itm, sd, ip-adapter)")
+                                                               "blip-itm, colpali, sd, ip-adapter)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the weights (default 0)")
 
     toy = sub.add_parser("toy-bench", help="the toy world's benchmark files (known ground truth)").add_subparsers(
@@ -348,7 +352,7 @@ def _config(args, **overrides: Any):
         from .builders import check_device
 
         check_device("--device", device)
-    for section in ("embedder", "vlm", "diffusion", "reranker"):
+    for section in ("embedder", "late_interaction", "vlm", "diffusion", "reranker"):
         overrides.setdefault(f"{section}.device", device)
         if section != "reranker":
             overrides.setdefault(f"{section}.dtype", dtype)
@@ -363,7 +367,7 @@ def _cmd_ingest(args) -> int:
 
     cfg = _config(args, **{"kb.path": args.kb, "kb.url": args.url, "kb.allow_remote": args.allow_remote,
                            "kb.lock_timeout": args.lock_timeout, "ingest.batch_size": args.batch_size,
-                           "ingest.report": args.report})
+                           "ingest.report": args.report, "late_interaction.model": args.late_interaction})
     # a bad source (or --base-dir) fails before any model loads
     iter_source(args.source, allow_remote=cfg.kb.allow_remote, base_dir=args.base_dir)
     address = ray_address(args)

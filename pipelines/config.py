@@ -57,6 +57,21 @@ class KnowledgeBaseConfig(_Section):
         default_factory=lambda: {"ef_search": 400})  # Chroma HNSW settings, fixed when the KB is created
 
 
+class LateInteractionConfig(_Section):
+    """The multi-vector (ColPali-family) encoder of a KB's late-interaction index, which the
+    ``late_interaction`` channel searches. A new KB gets the index only when ``model`` is set; an
+    existing KB keeps the one it was built with (``mmrag kb info`` names it)."""
+
+    model: str | None = None  # e.g. vidore/colpali-v1.3-hf, tiny:colpali; None: no index for a new KB
+    device: str | None = None
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    batch_size: int = Field(8, gt=0)  # a real ColPali page is over a thousand vectors
+    trust_remote_code: bool = False
+    # FDE settings (retrievers/muvera.py FDEConfig, without `dim`, which is the encoder's); {}: DEFAULT_FDE
+    fde: dict[Literal["k_sim", "r_reps", "d_proj", "final_dim", "fill_empty", "seed"], int | bool | None] = Field(
+        default_factory=dict)
+
+
 class IngestConfig(_Section):
     batch_size: int = Field(64, gt=0)
     report: str | None = None  # JSONL report path; None: <kb>/reports/ingest-<time>.jsonl
@@ -202,6 +217,7 @@ class Config(_Section):
     config_version: Literal[1] = 1
     embedder: EmbedderConfig = Field(default_factory=EmbedderConfig)
     kb: KnowledgeBaseConfig = Field(default_factory=KnowledgeBaseConfig)
+    late_interaction: LateInteractionConfig = Field(default_factory=LateInteractionConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     retriever: RetrieverConfig = Field(default_factory=RetrieverConfig)
     reranker: RerankerConfig = Field(default_factory=RerankerConfig)

@@ -16,6 +16,8 @@ _ERRORS = (
 _EXPORTS = {
     **{name: "mmrag.retrievers.errors" for name in _ERRORS},
     "DualEncoder": "mmrag.retrievers.encoders",
+    "MultiVectorEncoder": "mmrag.retrievers.multivector",
+    "FDEConfig": "mmrag.retrievers.muvera",
     "KnowledgeBase": "mmrag.retrievers.kb.knowledge_base",
     "Hit": "mmrag.retrievers.query",
     "Hits": "mmrag.retrievers.query",

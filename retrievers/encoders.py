@@ -6,7 +6,7 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -47,7 +47,51 @@ def _features(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
-class DualEncoder:
+class LazyEncoder:
+    """What the encoders share: arguments checked at construction, weights loaded on first use
+    (or :meth:`warm_up`), once, under a lock. Subclasses fill in :meth:`_load`."""
+
+    def __init__(self, model_id: str | os.PathLike, *, device: str | None = None, dtype: str | None = None,
+                 batch_size: int, trust_remote_code: bool = False):
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
+            raise ConfigError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+        self.model_id = normalize_model_id(model_id)
+        problem = device_problem(device)
+        if problem is not None:
+            raise ConfigError(f"`device` {problem}.")
+        self.device = device if device is not None else default_device()
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.batch_size = batch_size
+        self.trust_remote_code = trust_remote_code
+        self._model = None
+        self._processor = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.model_id!r}, device={self.device!r}, dtype={self.dtype})"
+
+    def warm_up(self):
+        """Load the model and processor (idempotent, thread-safe)."""
+        with self._lock:
+            if self._model is None:
+                model, self._processor = self._load()
+                self._model = model.to(self.device).eval()
+        return self
+
+    def _load(self) -> tuple[Any, Any]:
+        """``(model, processor)``, raising :class:`ModelLoadError` with the fix when they cannot load."""
+        raise NotImplementedError
+
+    @property
+    def model(self):
+        return self.warm_up()._model
+
+    @property
+    def processor(self):
+        return self.warm_up()._processor
+
+
+class DualEncoder(LazyEncoder):
     """Embeds texts and images with one CLIP- or SigLIP-family model into L2-normalised vectors.
 
     The constructor only stores parameters; weights load on first use (or :meth:`warm_up`), so a
@@ -61,66 +105,30 @@ class DualEncoder:
         trust_remote_code: allow code from the model repository to run (off by default).
     """
 
-    def __init__(
-        self,
-        model_id: str | os.PathLike,
-        *,
-        device: str | None = None,
-        dtype: str | None = None,
-        batch_size: int = 32,
-        trust_remote_code: bool = False,
-    ):
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
-            raise ConfigError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
-        self.model_id = normalize_model_id(model_id)
-        problem = device_problem(device)
-        if problem is not None:
-            raise ConfigError(f"`device` {problem}.")
-        self.device = device if device is not None else default_device()
-        self.dtype = resolve_dtype(dtype, self.device)
-        self.batch_size = batch_size
-        self.trust_remote_code = trust_remote_code
+    def __init__(self, model_id: str | os.PathLike, *, device: str | None = None, dtype: str | None = None,
+                 batch_size: int = 32, trust_remote_code: bool = False):
+        super().__init__(model_id, device=device, dtype=dtype, batch_size=batch_size,
+                         trust_remote_code=trust_remote_code)
         self.texts_truncated = 0  # running count of texts cut to the model's length limit
-        self._model = None
-        self._processor = None
-        self._lock = threading.Lock()
 
-    def __repr__(self) -> str:
-        return f"DualEncoder({self.model_id!r}, device={self.device!r}, dtype={self.dtype})"
+    def _load(self) -> tuple[Any, Any]:
+        from transformers import AutoModel, AutoProcessor
 
-    # ------------------------------------------------------------------ loading
-    def warm_up(self) -> "DualEncoder":
-        """Load the model and processor (idempotent, thread-safe)."""
-        with self._lock:
-            if self._model is not None:
-                return self
-            from transformers import AutoModel, AutoProcessor
-
-            kwargs = dict(trust_remote_code=self.trust_remote_code)
-            try:
-                processor = AutoProcessor.from_pretrained(self.model_id, **kwargs)
-                model = AutoModel.from_pretrained(self.model_id, dtype=self.dtype, use_safetensors=True, **kwargs)
-            except (OSError, ValueError) as e:
-                raise ModelLoadError(
-                    f"Could not load the dual encoder {self.model_id!r}: {str(e).splitlines()[0]} "
-                    "Check the model id or path; Hub models need network access (offline, use configs/tiny.yaml)."
-                ) from e
-            if not (hasattr(model, "get_text_features") and hasattr(model, "get_image_features")):
-                raise ModelLoadError(
-                    f"{self.model_id!r} is a {type(model).__name__}, not a dual encoder: it needs "
-                    "get_text_features and get_image_features (use a CLIP- or SigLIP-family model)."
-                )
-            self._model = model.to(self.device).eval()
-            self._processor = processor
-        return self
-
-    @property
-    def model(self):
-        return self.warm_up()._model
-
-    @property
-    def processor(self):
-        return self.warm_up()._processor
+        kwargs = dict(trust_remote_code=self.trust_remote_code)
+        try:
+            processor = AutoProcessor.from_pretrained(self.model_id, **kwargs)
+            model = AutoModel.from_pretrained(self.model_id, dtype=self.dtype, use_safetensors=True, **kwargs)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(
+                f"Could not load the dual encoder {self.model_id!r}: {str(e).splitlines()[0]} "
+                "Check the model id or path; Hub models need network access (offline, use configs/tiny.yaml)."
+            ) from e
+        if not (hasattr(model, "get_text_features") and hasattr(model, "get_image_features")):
+            raise ModelLoadError(
+                f"{self.model_id!r} is a {type(model).__name__}, not a dual encoder: it needs "
+                "get_text_features and get_image_features (use a CLIP- or SigLIP-family model)."
+            )
+        return model, processor
 
     @property
     def dim(self) -> int:

@@ -28,6 +28,12 @@ def tiny_clip(tiny_models_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_colpali(tiny_models_dir) -> Path:
+    """A tiny ColPaliForRetrieval (late interaction: one vector per image position and query token)."""
+    return ensure_tiny_model("colpali", tiny_models_dir)
+
+
+@pytest.fixture(scope="session")
 def tiny_siglip(tiny_models_dir) -> Path:
     return ensure_tiny_model("siglip", tiny_models_dir)
 

@@ -37,9 +37,11 @@ def _image(rng: np.random.Generator) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def kb(tmp_path_factory, tiny_clip) -> KnowledgeBase:
+def kb(tmp_path_factory, tiny_clip, tiny_colpali) -> KnowledgeBase:
     rng = np.random.default_rng(3)
-    kb = KnowledgeBase.open(tmp_path_factory.mktemp("channels") / "kb", DualEncoder(tiny_clip))
+    # with a late-interaction index, so that every channel can run
+    kb = KnowledgeBase.open(tmp_path_factory.mktemp("channels") / "kb", DualEncoder(tiny_clip),
+                            late_interaction=tiny_colpali)
     records = [Record(id=f"c{i:03d}", image=_image(rng),
                       text=f"a {COLOURS[i % 4]} {SHAPES[i % 3]} number {i}" + (" named Quillfeather" if i == 41 else ""),
                       metadata={"group": i % 2})
@@ -96,6 +98,17 @@ def _composed_reference(kb, stored, q: Query, s) -> dict[str, float]:
     return dict(zip(stored["ids"], score.tolist()))
 
 
+def _late_interaction_reference(kb, stored, q: Query, s) -> dict[str, float]:
+    """Brute-force Chamfer (MaxSim) over every record, with token vectors from a fresh encoder
+    (not the sidecar): sum over query tokens of the best dot product with any image position."""
+    from mmrag.retrievers.multivector import MultiVectorEncoder
+
+    enc = MultiVectorEncoder(kb.manifest["late_interaction"]["model_id"], device="cpu")
+    query = enc.embed_queries([q.text])[0].astype(np.float64)
+    docs = enc.embed_images([Image.open(kb.get(i)[0].image).convert("RGB") for i in stored["ids"]])
+    return {i: float((query @ d.astype(np.float64).T).max(axis=1).sum()) for i, d in zip(stored["ids"], docs)}
+
+
 def _lexical_reference(kb, stored, q: Query, s) -> set[str]:
     """BM25 scores only records sharing a word with the query: the set of ids that may appear."""
     words = set(q.text.lower().split())
@@ -109,6 +122,7 @@ REFERENCES = {
     "image_to_text": _dense_reference("texts", "image"),
     "composed": _composed_reference,
     "lexical": _lexical_reference,
+    "late_interaction": _late_interaction_reference,
 }
 
 
@@ -163,8 +177,8 @@ def test_lexical_puts_the_rare_name_first(kb, query_image):
 
 
 @pytest.mark.parametrize("name", sorted(CHANNEL_TYPES))
-def test_channel_on_an_empty_kb_returns_nothing(tmp_path, tiny_clip, query_image, name):
-    kb = KnowledgeBase.open(tmp_path / "empty", DualEncoder(tiny_clip))
+def test_channel_on_an_empty_kb_returns_nothing(tmp_path, tiny_clip, tiny_colpali, query_image, name):
+    kb = KnowledgeBase.open(tmp_path / "empty", DualEncoder(tiny_clip), late_interaction=tiny_colpali)
     retriever = MultimodalRetriever(kb, scoring_scope="gallery")
     assert retriever.channel(name).search(retriever.encode(_query(query_image)), 5, None) == []
 

@@ -70,14 +70,15 @@ def _die_at_replace(nth: int, when: str) -> list[int]:
     return calls
 
 
-def _write(trial: dict, embedder) -> None:
+def _write(trial: dict, models) -> None:
     """The forked writer: create the KB (and ingest into it), dying where the trial says."""
     from mmrag.retrievers import KnowledgeBase
 
+    embedder, late_interaction = models
     kill, calls = trial.get("kill_at_replace"), [None]
     if kill and trial["phase"] == "create":
         calls = _die_at_replace(*kill)
-    kb = KnowledgeBase.open(trial["kb"], embedder)
+    kb = KnowledgeBase.open(trial["kb"], embedder, late_interaction=late_interaction)
     if trial["phase"] != "create":
         if kill:
             calls = _die_at_replace(*kill)
@@ -85,16 +86,17 @@ def _write(trial: dict, embedder) -> None:
     Path(trial["kb"] + ".replaces").write_text(json.dumps(calls[0]))
 
 
-def _check(trial: dict, embedder) -> dict:
+def _check(trial: dict, models) -> dict:
     """The forked checker: reopen (repairs), re-run the ingestion, report the raw state."""
     import chromadb
     from chromadb.config import Settings
 
     from mmrag.retrievers import KnowledgeBase
 
+    embedder, late_interaction = models
     kb_path = Path(trial["kb"])
     out: dict = {"temp_after_kill": temp_files(kb_path)}
-    kb = KnowledgeBase.open(kb_path, embedder)
+    kb = KnowledgeBase.open(kb_path, embedder, late_interaction=late_interaction)
     out["temp_after_open"] = temp_files(kb_path)
     report = kb.ingest(trial["src"], batch_size=BATCH_SIZE)
     out["rerun"] = {"added": report.added, "existing": report.existing, "updated": report.updated,
@@ -111,6 +113,18 @@ def _check(trial: dict, embedder) -> dict:
     out["journal_left"] = [n for n in ("journal.json", "journal.npz") if (kb_path / n).exists()]
     out["verify"] = kb.verify()
     out["temp_after_rerun"] = temp_files(kb_path)
+    if late_interaction is not None:  # every record's token vectors are the encoder's, read back from the sidecar
+        import numpy as np
+
+        stored = kb.multivector.tokens(texts["ids"])
+        from PIL import Image as PILImage
+
+        images = [PILImage.open(kb.get(i)[0].image).convert("RGB") for i in texts["ids"]]
+        fresh = dict(zip(texts["ids"], late_interaction.embed_images(images)))
+        out["tokens_differ"] = sorted(i for i in texts["ids"]
+                                      if i not in stored or stored[i].shape != fresh[i].shape
+                                      or not np.allclose(stored[i], fresh[i], atol=1e-5))
+        out["fde_count"] = kb.multivector.count()
     return out
 
 
@@ -137,9 +151,9 @@ def _wait(pid: int) -> int:
     return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
-def _trial(trial: dict, embedder) -> dict:
+def _trial(trial: dict, models) -> dict:
     start = time.monotonic()
-    pid = _spawn(_write, trial, embedder)
+    pid = _spawn(_write, trial, models)
     if "kill_after_seconds" in trial:  # a random moment: the driver kills the writer from outside
         time.sleep(trial["kill_after_seconds"])
         os.kill(pid, signal.SIGKILL)  # a writer that has finished is a zombie until waited: harmless
@@ -149,7 +163,7 @@ def _trial(trial: dict, embedder) -> dict:
     result = {"name": trial["name"], "writer_status": writer, "writer_seconds": seconds,
               "replaces": json.loads(replaces.read_text()) if replaces.exists() else None}
     result_file = Path(trial["kb"] + ".check.json")
-    result["checker_status"] = _wait(_spawn(lambda: result_file.write_text(json.dumps(_check(trial, embedder)))))
+    result["checker_status"] = _wait(_spawn(lambda: result_file.write_text(json.dumps(_check(trial, models)))))
     result.update(json.loads(result_file.read_text()) if result_file.exists() else {})
     return result
 
@@ -162,18 +176,26 @@ def drive(plan: dict) -> None:
 
     torch.set_num_threads(1)  # no thread pool in the driver: forks must not inherit a busy one
     embedder = DualEncoder(plan["model"], device="cpu").warm_up()
+    late_interaction = None
+    if plan.get("late_interaction"):
+        from mmrag.retrievers.multivector import MultiVectorEncoder
+
+        late_interaction = MultiVectorEncoder(plan["late_interaction"], device="cpu").warm_up()
+    models = (embedder, late_interaction)
     for trial in plan["trials"]:
         if trial.get("calibrate"):  # a random moment within a run's duration, on this machine
             trial["kill_after_seconds"] = trial.pop("fraction") * plan["calibrated_seconds"]
-        result = _trial(trial, embedder)
+        result = _trial(trial, models)
         if trial.get("dry_run"):
             plan["calibrated_seconds"] = result["writer_seconds"]
         print(json.dumps(result), flush=True)
 
 
-def run_plan(tmp_path: Path, model: Path, trials: list[dict], timeout: float = 1800) -> list[dict]:
+def run_plan(tmp_path: Path, model: Path, trials: list[dict], timeout: float = 1800,
+             late_interaction: Path | None = None) -> list[dict]:
     plan_file = tmp_path / "plan.json"
-    plan_file.write_text(json.dumps({"model": str(model), "trials": trials}))
+    plan_file.write_text(json.dumps({"model": str(model), "trials": trials,
+                                     "late_interaction": str(late_interaction) if late_interaction else None}))
     proc = subprocess.run([sys.executable, "-m", "tests.test_crash_points", str(plan_file)], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -220,6 +242,29 @@ def test_kill_before_and_after_every_rename_then_rerun(tmp_path, tiny_clip, phas
         assert r["writer_status"] == -signal.SIGKILL, r  # every trial died at its rename
         assert_recovered(r, expected, "zz_refused_by_chroma.png")
     # the kills were where it hurts: some left temporary files for the open to clean
+    assert any(r["temp_after_kill"] for r in results)
+
+
+@pytest.mark.slow
+def test_kill_at_every_rename_with_a_late_interaction_index(tmp_path, tiny_clip, tiny_colpali):
+    """The token-vector sidecar and the FDE collection are written inside the records' journaled
+    upsert: a writer killed before or after any rename (the sidecar's files included) leaves a KB
+    whose index holds exactly its records, each with the encoder's own token vectors."""
+    src = tmp_path / "src"
+    expected = make_source(src, 5, seed=23)
+    [dry] = run_plan(tmp_path, tiny_clip, [{"name": "dry", "phase": "ingest", "src": str(src),
+                                            "kb": str(tmp_path / "dry"), "kill_at_replace": [0, "before"]}],
+                     late_interaction=tiny_colpali)
+    # the sidecar adds one rename per record to the plain ingestion's
+    assert dry["writer_status"] == 0 and dry["replaces"] >= 10 + len(expected), dry
+    assert_recovered(dry, expected, "zz_refused_by_chroma.png")
+    results = run_plan(tmp_path, tiny_clip, kill_point_trials(tmp_path, "ingest", src, dry["replaces"]),
+                       late_interaction=tiny_colpali)
+    for r in [dry, *results]:
+        assert r["writer_status"] in (0, -signal.SIGKILL), r
+        assert_recovered(r, expected, "zz_refused_by_chroma.png")  # verify() includes the index's two checks
+        assert "missing_multivectors" in r["verify"] and r["tokens_differ"] == [], (r["name"], r["verify"])
+        assert r["fde_count"] == len(expected), r["name"]
     assert any(r["temp_after_kill"] for r in results)
 
 

@@ -15,11 +15,13 @@ Layout under ``directory`` (the IP-Adapter mirrors the h94/IP-Adapter repository
     sd/           StableDiffusionPipeline (32-px images)
     ip-adapter/models/ip-adapter_sd15.safetensors + ip-adapter/models/image_encoder/
     blip-itm/     BlipForImageTextRetrieval + BlipProcessor (image-text matching head, for reranking)
+    colpali/      ColPaliForRetrieval + ColPaliProcessor (late interaction: one vector per token and patch)
 """
 
 from __future__ import annotations
 
 import collections
+import inspect
 import os
 import pathlib
 import re
@@ -49,6 +51,11 @@ from transformers import (
     CLIPTokenizer,
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
+    ColPaliConfig,
+    ColPaliForRetrieval,
+    ColPaliProcessor,
+    GemmaConfig,
+    GemmaTokenizer,
     GenerationConfig,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
@@ -60,16 +67,18 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
+    PaliGemmaConfig,
     SiglipConfig,
     SiglipImageProcessorPil,
     SiglipModel,
     SiglipProcessor,
     SiglipTokenizer,
+    SiglipVisionConfig,
 )
 
 from mmrag.retrievers.errors import ConfigError
 
-TINY_MODEL_NAMES = ("clip", "siglip", "llava", "idefics3", "sd", "ip-adapter", "blip-itm")
+TINY_MODEL_NAMES = ("clip", "siglip", "llava", "idefics3", "sd", "ip-adapter", "blip-itm", "colpali")
 DUAL_ENCODER_FAMILIES = ("clip", "siglip")
 DUAL_ENCODER_SIZES = ("tiny", "base")
 
@@ -217,6 +226,23 @@ def llama_tokenizer(words: Sequence[list[str]] | None = None, num_merges: int = 
                                add_bos_token=True)
     tokenizer.add_special_tokens({"pad_token": "<pad>", "additional_special_tokens": ["<image>"]})
     return tokenizer
+
+
+def gemma_tokenizer(corpus: Sequence[str] | None = None, num_merges: int = 256) -> GemmaTokenizer:
+    """Gemma's BPE (spaces become "▁" and no prefix space is added, so only a word after a space starts
+    with "▁"; unseen characters fall back to bytes), its merges learnt from ``corpus`` (default: the
+    tiny models' sentences)."""
+    words = [list(word if i == 0 else "▁" + word)
+             for text in (_CORPUS if corpus is None else corpus) for i, word in enumerate(text.split())]
+    merges = _learn_bpe(words, num_merges=num_merges)
+    # Gemma's vocabulary order: pad, eos, bos, unk, mask, then (here) the 256 byte-fallback tokens,
+    # characters and merges.
+    characters = sorted({character for word in words for character in word})
+    vocab = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"] + [f"<0x{byte:02X}>" for byte in range(256)] + characters
+    vocab += [a + b for a, b in merges]
+    # Right padding, as ColPali from v1.2 on ("right padding to fix unwanted tokens in the query encoding").
+    return GemmaTokenizer(vocab={token: i for i, token in enumerate(dict.fromkeys(vocab))}, merges=merges,
+                          padding_side="right")
 
 
 def _siglip_tokenizer(max_length: int, target: pathlib.Path) -> SiglipTokenizer:
@@ -437,6 +463,40 @@ def _build_blip_itm(target: pathlib.Path) -> None:
     processor.save_pretrained(target)
 
 
+# ------------------------------------------------------------------------------------------ ColPali
+def _build_colpali(target: pathlib.Path) -> None:
+    # PaliGemma's layout: a SigLIP vision tower whose patches are projected to the width of a Gemma
+    # decoder, which reads them after the prompt's `<image>` placeholders; ColPali projects each output
+    # position to `embedding_dim` and L2-normalises it. The query and image prompts are in the corpus.
+    defaults = inspect.signature(ColPaliProcessor.__init__).parameters
+    prompts = (defaults["query_prefix"].default, defaults["visual_prompt_prefix"].default)  # "Question: ", ...
+    tokenizer = gemma_tokenizer(_CORPUS + prompts)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    vision = _TINY["vision"]
+    image_seq_length = (vision["image_size"] // vision["patch_size"]) ** 2
+    image_processor = SiglipImageProcessorPil(size={"height": vision["image_size"], "width": vision["image_size"]},
+                                              image_seq_length=image_seq_length)
+    # The processor adds PaliGemma's 1,152 <locXXXX>/<segXXX> tokens to the tokenizer: build it before
+    # sizing the embedding table.
+    processor = ColPaliProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    # Width 64 (not 32), so that the projector (32 -> 64) and ColPali's head (64 -> 32) both change shape.
+    # Gemma-2B's multi-query attention (one key/value head); positions are rotary, with room for long queries.
+    text_config = GemmaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=1, head_dim=16, max_position_embeddings=512,
+                              vocab_size=len(tokenizer), **_special_ids(tokenizer))
+    vlm_config = PaliGemmaConfig(
+        vision_config=SiglipVisionConfig(**vision, vision_use_head=False),
+        text_config=text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vocab_size=len(tokenizer),
+        hidden_size=text_config.hidden_size,
+        projection_dim=text_config.hidden_size,
+    )
+    model = ColPaliForRetrieval(ColPaliConfig(vlm_config=vlm_config, embedding_dim=_TINY["projection_dim"]))
+    model.save_pretrained(target)
+    processor.save_pretrained(target)
+
+
 # ------------------------------------------------------------------------------------------- public
 _BUILDERS: dict[str, Callable[[pathlib.Path], None]] = {
     "llava": _build_llava,
@@ -444,6 +504,7 @@ _BUILDERS: dict[str, Callable[[pathlib.Path], None]] = {
     "sd": _build_sd,
     "ip-adapter": _build_ip_adapter,
     "blip-itm": _build_blip_itm,
+    "colpali": _build_colpali,
 }
 
 

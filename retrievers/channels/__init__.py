@@ -9,10 +9,11 @@ from __future__ import annotations
 from .base import CandidatePool, Channel, ChannelQuery, ChannelResources, Scored
 from .composed import Composed
 from .dense import ImageToImage, ImageToText, TextToImage, TextToText
+from .late_interaction import LateInteraction
 from .lexical import Lexical
 
 CHANNEL_TYPES: dict[str, type[Channel]] = {
-    c.name: c for c in (TextToImage, TextToText, ImageToImage, ImageToText, Composed, Lexical)
+    c.name: c for c in (TextToImage, TextToText, ImageToImage, ImageToText, Composed, Lexical, LateInteraction)
 }
 
 __all__ = ["CHANNEL_TYPES", "CandidatePool", "Channel", "ChannelQuery", "ChannelResources", "Scored"]

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..errors import EmbedderMismatchError, InvalidItemError, WriteRefusedError
 from .images import PreparedImage, prepare_image
+from .multivector import pack_tokens
 from .records import IngestReport, Rejection, SourceItem, content_id
 from .sources import prepare_text
 from .store import IMAGE_KEY, SHA_KEY, SOURCE_PATH_KEY, ImageStore, check_text, encode_metadata
@@ -159,14 +160,16 @@ class Ingestion:
         # 3. embed (what arrived embedded is not embedded again)
         t0 = time.perf_counter()
         image_vectors, text_vectors = self._vectors(todo, report, vectors or {})
+        tokens = self._tokens(todo)
         t1 = time.perf_counter()
         report.time("embed", t1 - t0)
-        todo, image_vectors, text_vectors = self._drop_non_finite(todo, image_vectors, text_vectors, report)
+        todo, image_vectors, text_vectors, tokens = self._drop_non_finite(todo, image_vectors, text_vectors, tokens,
+                                                                          report)
         # 4. images, then records, each step journaled (see the module docstring). Decoding in the
         # prepare thread is paused meanwhile: on few cores it halves Chroma's write speed, while
         # overlapping it with embedding (the long stage) is what pays.
         with self.kb.gate:
-            refused = self._store_isolating(todo, image_vectors, text_vectors)
+            refused = self._store_isolating(todo, image_vectors, text_vectors, tokens)
         for w, reason in refused:
             report.rejected.append(Rejection(w.item.ref, reason, w.item.source))
         refused_ids = {w.item.id for w, _ in refused}
@@ -195,6 +198,20 @@ class Ingestion:
                 f"{self.kb.manifest['embedder']['model_id']!r}.")
         return image_vectors, text_vectors
 
+    def _tokens(self, todo: list[_Write]) -> list[np.ndarray] | None:
+        """Each image's token vectors, for a KB with a late-interaction index (else None)."""
+        encoder = self.kb.multivector_encoder
+        if encoder is None:
+            return None
+        tokens = encoder.embed_images([w.item.image.image for w in todo])
+        dim = self.kb.multivector.dim
+        bad = [t.shape for t in tokens if t.ndim != 2 or t.shape[1] != dim or not len(t)]
+        if bad:
+            raise EmbedderMismatchError(
+                f"The late-interaction encoder {encoder.model_id!r} made token vectors of shape {bad[0]} but the "
+                f"index holds {dim}-d vectors (at least one per image).")
+        return tokens
+
     def _embed(self, todo: list[_Write], report: IngestReport) -> tuple[np.ndarray, np.ndarray]:
         embedder = self.kb.embedder
         truncated_before = embedder.texts_truncated
@@ -210,19 +227,22 @@ class Ingestion:
 
     @staticmethod
     def _drop_non_finite(todo: list[_Write], image_vectors: np.ndarray, text_vectors: np.ndarray,
-                         report: IngestReport) -> tuple[list[_Write], np.ndarray, np.ndarray]:
+                         tokens: list[np.ndarray] | None, report: IngestReport):
         """Chroma refuses a NaN or infinite vector (and with it the whole batch): reject those
         items here, before anything is journaled."""
         ok = np.isfinite(image_vectors).all(axis=1) & np.isfinite(text_vectors).all(axis=1)
+        if tokens is not None:
+            ok &= np.array([bool(np.isfinite(t).all()) for t in tokens])
         if ok.all():
-            return todo, image_vectors, text_vectors
+            return todo, image_vectors, text_vectors, tokens
         for w in (w for w, good in zip(todo, ok) if not good):
             report.rejected.append(Rejection(w.item.ref, "the embedder gave a non-finite (NaN or infinite) vector "
                                              "for this item; Chroma stores finite vectors only", w.item.source))
-        return [w for w, good in zip(todo, ok) if good], image_vectors[ok], text_vectors[ok]
+        kept_tokens = None if tokens is None else [t for t, good in zip(tokens, ok) if good]
+        return [w for w, good in zip(todo, ok) if good], image_vectors[ok], text_vectors[ok], kept_tokens
 
-    def _store_isolating(self, todo: list[_Write], image_vectors: np.ndarray,
-                         text_vectors: np.ndarray) -> list[tuple[_Write, str]]:
+    def _store_isolating(self, todo: list[_Write], image_vectors: np.ndarray, text_vectors: np.ndarray,
+                         tokens: list[np.ndarray] | None = None) -> list[tuple[_Write, str]]:
         """Store ``todo``; when Chroma refuses the write (rolled back by the journal) store each half
         again, down to the single records it refuses: ``(write, reason)`` for those. Our checks
         (encode_metadata) catch every rule known; this keeps an unknown one from costing the
@@ -231,19 +251,21 @@ class Ingestion:
             return []
         try:
             self._store([w.item for w in todo], [w.new and not w.upsert for w in todo],
-                        [w.old_image for w in todo if w.old_image is not None], image_vectors, text_vectors)
+                        [w.old_image for w in todo if w.old_image is not None], image_vectors, text_vectors, tokens)
             return []
         except WriteRefusedError as e:
             if len(todo) == 1:
                 return [(todo[0], e.reason)]
         retry = [_Write(w.item, w.new, w.old_image, upsert=True) for w in todo]
         mid = len(todo) // 2
-        return (self._store_isolating(retry[:mid], image_vectors[:mid], text_vectors[:mid])
-                + self._store_isolating(retry[mid:], image_vectors[mid:], text_vectors[mid:]))
+        halves = (None, None) if tokens is None else (tokens[:mid], tokens[mid:])
+        return (self._store_isolating(retry[:mid], image_vectors[:mid], text_vectors[:mid], halves[0])
+                + self._store_isolating(retry[mid:], image_vectors[mid:], text_vectors[mid:], halves[1]))
 
     def _store(self, todo: list[PreparedItem], is_new: list[bool], release: list[str],
-               image_vectors: np.ndarray, text_vectors: np.ndarray) -> None:
-        """One journaled write; ``is_new``: written with ``add`` (the id was absent at lookup)."""
+               image_vectors: np.ndarray, text_vectors: np.ndarray, tokens: list[np.ndarray] | None = None) -> None:
+        """One journaled write; ``is_new``: written with ``add`` (the id was absent at lookup).
+        ``tokens`` (a late-interaction index's token vectors) travel in the same journal entry."""
         new_images = sorted({p.metadata[IMAGE_KEY] for p in todo if not self.kb.images.path(p.metadata[IMAGE_KEY]).exists()})
         self.kb.journal.record({"op": "images", "release": new_images})  # undone if we die before the next journal
         for p in todo:
@@ -251,7 +273,8 @@ class Ingestion:
         self.kb.journal.record(
             {"op": "upsert", "ids": [p.id for p in todo], "metadatas": [p.metadata for p in todo],
              "documents": [p.text for p in todo], "new": is_new, "release": release},
-            vectors={"images": image_vectors, "texts": text_vectors},
+            vectors={"images": image_vectors, "texts": text_vectors,
+                     **(pack_tokens(tokens) if tokens is not None else {})},
         )
         self.kb.journal.apply(recovering=False)
 

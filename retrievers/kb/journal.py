@@ -37,6 +37,7 @@ from filelock import FileLock, Timeout
 
 from ..errors import KnowledgeBaseError, KnowledgeBaseLockedError, WriteRefusedError
 from .manifest import HOLDER_NAME, LOCK_NAME, MANIFEST_NAME, now, write_json_atomic
+from .multivector import MULTIVECTOR_DIR, TMP_SUFFIX, MultiVectorStore, unpack_tokens
 from .store import IMAGE_KEY, WRITE_REFUSALS, ImageStore, VectorStore
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ def temp_files(path: Path) -> list[Path]:
     """Temporary files a killed write of the KB at ``path`` may have left."""
     found = [p for p in _listdir(path) if _ATOMIC_TMP.fullmatch(p.name) or p.name == _VECTORS_TMP]
     found += [p for p in _listdir(path / REPORTS) if p.name.startswith(".failed-journal-")]
+    found += [p for d in _listdir(path / MULTIVECTOR_DIR) for p in _listdir(d) if p.name.endswith(TMP_SUFFIX)]
     return found + _listdir(ImageStore(path / "images").tmp)
 
 
@@ -112,12 +114,15 @@ def writer_lock(path: Path) -> FileLock:
 
 # ---------------------------------------------------------------------------- the journal
 class Journal:
-    """Journaled writes to the two collections and the image store of the KB at ``path``."""
+    """Journaled writes to the two collections and the image store of the KB at ``path`` (and to
+    its late-interaction index, ``multivector``, when it has one)."""
 
-    def __init__(self, path: Path, vectors: VectorStore, images: ImageStore, lock_timeout: float = 0.0):
+    def __init__(self, path: Path, vectors: VectorStore, images: ImageStore, lock_timeout: float = 0.0,
+                 multivector: MultiVectorStore | None = None):
         self.path = path
         self.vectors = vectors
         self.images = images
+        self.multivector = multivector
         self.lock_timeout = lock_timeout
         self._lock = writer_lock(path)
 
@@ -176,6 +181,7 @@ class Journal:
         if entry["op"] == "upsert":
             with np.load(self.path / _JOURNAL_VECTORS, allow_pickle=False) as v:
                 iv, tv = v["images"], v["texts"]
+                tokens = unpack_tokens(v["mv_tokens"], v["mv_counts"]) if "mv_counts" in v.files else None
             new = np.asarray(entry["new"], dtype=bool) & (not recovering)
             for mask, upsert in ((new, False), (~new, True)):
                 if mask.any():
@@ -183,8 +189,17 @@ class Journal:
                     self.vectors.write([entry["ids"][i] for i in idx], iv[idx], tv[idx],
                                        [entry["metadatas"][i] for i in idx], [entry["documents"][i] for i in idx],
                                        upsert=upsert)
+            if self.multivector is not None:
+                if tokens is None:
+                    raise KnowledgeBaseError(
+                        f"The pending write in {self.path / JOURNAL_NAME} has no token vectors but the knowledge base "
+                        "has a late-interaction index; it was written by another program. Remove the journal by hand.")
+                # after the records: a write Chroma refuses above leaves the index as it was
+                self.multivector.write(entry["ids"], tokens, entry["metadatas"], entry["documents"])
         elif entry["op"] == "delete":
             self.vectors.delete(entry["ids"])
+            if self.multivector is not None:
+                self.multivector.delete(entry["ids"])
 
     def _roll_back(self, entry: dict, error: Exception, keep_copy: bool) -> WriteRefusedError:
         """Undo a write Chroma refused: the collections agree on its ids (records half written are
@@ -193,6 +208,10 @@ class Journal:
         reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         kept = self._keep_copy() if keep_copy else None
         torn = self.vectors.make_consistent(entry.get("ids", []))
+        if self.multivector is not None:  # no token vectors for a record the rollback left out
+            ids = entry.get("ids", [])
+            kept = self.vectors.get(ids)
+            self.multivector.delete([i for i in ids if i not in kept])
         self.bump_revision()  # the records may have changed (torn ones deleted)
         self.release(entry.get("release", []) + [m.get(IMAGE_KEY) for m in entry.get("metadatas", [])])
         self._drop()

@@ -22,6 +22,7 @@ from .images import DEFAULT_MAX_IMAGE_PIXELS
 from .ingest import Ingestion, progress_bar
 from .journal import Journal, clean_temp_files, hold_writer_lock, writer_lock
 from .manifest import MANIFEST_NAME, check_creatable, check_manifest, new_manifest, read_manifest, write_json_atomic
+from .multivector import MULTIVECTOR_DIR, MultiVectorStore
 from .records import IngestReport, Record
 from .sources import DEFAULT_MAX_TEXT_CHARS, count_source, describe_source, iter_source
 from .store import HNSW_KEYS, IMAGE_KEY, ImageStore, VectorStore, decode_record, make_client
@@ -33,16 +34,19 @@ class KnowledgeBase:
     """A persistent multimodal knowledge base. Create or open one with :meth:`open`."""
 
     def __init__(self, path: Path, manifest: dict, vectors: VectorStore, embedder: DualEncoder | None, *,
-                 lock_timeout: float, max_image_pixels: int, max_text_chars: int, allow_remote: bool):
+                 lock_timeout: float, max_image_pixels: int, max_text_chars: int, allow_remote: bool,
+                 multivector: MultiVectorStore | None = None, multivector_encoder=None):
         self.path = path
         self.manifest = manifest
         self.vectors = vectors
+        self.multivector = multivector  # the late-interaction index, when the KB has one
         self.images = ImageStore(path / "images")
         self._embedder = embedder
+        self._multivector_encoder = multivector_encoder
         self.max_image_pixels = max_image_pixels
         self.max_text_chars = max_text_chars
         self.allow_remote = allow_remote
-        self.journal = Journal(path, vectors, self.images, lock_timeout)
+        self.journal = Journal(path, vectors, self.images, lock_timeout, multivector=multivector)
         self.gate = threading.Lock()  # serialises item decoding with Chroma writes (see ingest.py)
 
     # ------------------------------------------------------------------ opening
@@ -59,6 +63,8 @@ class KnowledgeBase:
         max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
         allow_remote: bool = False,
         hnsw: dict[str, int] | None = None,
+        late_interaction: Any = None,
+        fde: Any = None,
     ) -> "KnowledgeBase":
         """Open the knowledge base at ``path``, creating it when ``create`` and it does not exist.
 
@@ -74,10 +80,20 @@ class KnowledgeBase:
             allow_remote: let manifests reference http(s) image URLs that are fetched.
             hnsw: Chroma HNSW settings for a new KB (``ef_search``, ``ef_construction``,
                 ``max_neighbors``); default ``{"ef_search": 400}``. Ignored for an existing KB.
+            late_interaction: a :class:`~mmrag.retrievers.multivector.MultiVectorEncoder` (or model id)
+                to give a new KB a late-interaction index (the ``late_interaction`` channel): every
+                record's token vectors and its FDE. For an existing KB it must be the one it was
+                built with; ``None`` uses that one.
+            fde: the index's :class:`~mmrag.retrievers.muvera.FDEConfig` (default: ``DEFAULT_FDE`` at
+                the encoder's dimension). Only for a new KB.
         """
         path = Path(path).expanduser().resolve()
         if isinstance(embedder, (str, os.PathLike)):
             embedder = DualEncoder(embedder)
+        if isinstance(late_interaction, (str, os.PathLike)):
+            from ..multivector import MultiVectorEncoder
+
+            late_interaction = MultiVectorEncoder(late_interaction)
         bad = {k: v for k, v in (hnsw or {}).items()
                if k not in HNSW_KEYS or not isinstance(v, int) or isinstance(v, bool) or v <= 0}
         if bad:
@@ -86,15 +102,20 @@ class KnowledgeBase:
             raise ConfigError(f"`lock_timeout` must be >= 0 seconds, got {lock_timeout!r}.")
         created = None
         if not (path / MANIFEST_NAME).exists() and check_creatable(path, embedder, create):
-            created = _create(path, embedder, url, hnsw, lock_timeout)
+            created = _create(path, embedder, url, hnsw, lock_timeout, late_interaction, fde)
         if created is not None:
-            manifest, vectors = created
+            manifest, (vectors, multivector) = created
         else:  # an existing KB, or one another process created while this one waited for the lock
             manifest = read_manifest(path / MANIFEST_NAME)
-            check_manifest(manifest, path, embedder, url)
-            vectors = _connect(path, manifest, url if url is not None else manifest.get("url"), None, is_new=False)
+            check_manifest(manifest, path, embedder, url, late_interaction)
+            if fde is not None:
+                raise ConfigError("`fde` only applies to a new knowledge base; the one at "
+                                  f"{str(path)!r} keeps the FDE settings it was created with.")
+            vectors, multivector = _connect(path, manifest, url if url is not None else manifest.get("url"), None,
+                                            is_new=False)
         kb = cls(path, manifest, vectors, embedder, lock_timeout=lock_timeout, max_image_pixels=max_image_pixels,
-                 max_text_chars=max_text_chars, allow_remote=allow_remote)
+                 max_text_chars=max_text_chars, allow_remote=allow_remote, multivector=multivector,
+                 multivector_encoder=late_interaction)
         if kb.journal.needs_recovery():
             kb.journal.try_recover()
         return kb
@@ -114,6 +135,17 @@ class KnowledgeBase:
         if self._embedder is None:
             self._embedder = DualEncoder(self.manifest["embedder"]["model_id"])
         return self._embedder
+
+    @property
+    def multivector_encoder(self):
+        """The multi-vector encoder of the KB's late-interaction index (None without one), loaded lazily."""
+        if self.multivector is None:
+            return None
+        if self._multivector_encoder is None:
+            from ..multivector import MultiVectorEncoder
+
+            self._multivector_encoder = MultiVectorEncoder(self.manifest["late_interaction"]["model_id"])
+        return self._multivector_encoder
 
     @property
     def dim(self) -> int:
@@ -152,6 +184,8 @@ class KnowledgeBase:
             "library_version": self.manifest["library_version"],
             "created_at": self.manifest["created_at"],
             "bytes_on_disk": _du(self.path),
+            **({"late_interaction": self.manifest["late_interaction"]["model_id"],
+                "fde_vectors": self.multivector.count()} if self.multivector is not None else {}),
         }
 
     def verify(self) -> dict[str, list[str]]:
@@ -171,6 +205,15 @@ class KnowledgeBase:
             "missing_images": sorted(referenced - stored),
             "orphan_images": sorted(stored - referenced),
             "unsafe_paths": sorted(unsafe),
+            **(self._verify_multivector(text_ids) if self.multivector is not None else {}),
+        }
+
+    def _verify_multivector(self, record_ids: set[str]) -> dict[str, list[str]]:
+        """The late-interaction index holds exactly the KB's records: an FDE and a token file each."""
+        fdes, files = set(self.multivector.ids()), self.multivector.file_ids()
+        return {
+            "missing_multivectors": sorted(record_ids - (fdes & files)),
+            "orphan_multivectors": sorted((fdes | files) - record_ids),
         }
 
     # ------------------------------------------------------------------ writing
@@ -239,11 +282,25 @@ class KnowledgeBase:
 
 # ---------------------------------------------------------------------------- helpers
 def _create(path: Path, embedder: DualEncoder, url: str | None, hnsw: dict[str, int] | None,
-            lock_timeout: float) -> tuple[dict, VectorStore] | None:
+            lock_timeout: float, late_interaction=None, fde=None) -> tuple[dict, tuple] | None:
     """Create the KB at ``path`` under its writer lock (two creators take turns, the second waiting
     ``lock_timeout``), or None when the manifest appeared while this one waited (the KB to open).
     The manifest is written last: a folder without one is a creation to redo."""
-    manifest = new_manifest(embedder, url)  # loads the embedder (for its dim): not while holding the lock
+    fde_spec = None
+    if late_interaction is not None:
+        import dataclasses
+
+        from ..muvera import DEFAULT_FDE, FDEConfig
+
+        if fde is not None and not isinstance(fde, FDEConfig):
+            raise ConfigError(f"`fde` must be an FDEConfig, got {type(fde).__name__}.")
+        fde_spec = (fde or dataclasses.replace(DEFAULT_FDE, dim=late_interaction.dim)).to_dict()
+        if fde_spec["dim"] != late_interaction.dim:
+            raise ConfigError(f"`fde` has dim={fde_spec['dim']} but the late-interaction encoder "
+                              f"{late_interaction.model_id!r} makes {late_interaction.dim}-d vectors: set "
+                              f"FDEConfig(dim={late_interaction.dim}, ...).")
+    # loads the embedders (for their dims): not while holding the lock
+    manifest = new_manifest(embedder, url, late_interaction, fde_spec)
     path.mkdir(parents=True, exist_ok=True)
     with hold_writer_lock(writer_lock(path), path, lock_timeout):
         if (path / MANIFEST_NAME).exists():
@@ -254,13 +311,17 @@ def _create(path: Path, embedder: DualEncoder, url: str | None, hnsw: dict[str, 
     return manifest, vectors
 
 
-def _connect(path: Path, manifest: dict, url: str | None, hnsw: dict[str, int] | None, is_new: bool) -> VectorStore:
-    """The KB's two Chroma collections, checked to be this KB's (not another's on a shared server)."""
+def _connect(path: Path, manifest: dict, url: str | None, hnsw: dict[str, int] | None,
+             is_new: bool) -> tuple[VectorStore, MultiVectorStore | None]:
+    """The KB's two Chroma collections, checked to be this KB's (not another's on a shared server),
+    and its late-interaction index when the manifest names one."""
     client = make_client(path / "chroma", None) if manifest["backend"] == "embedded" else make_client(None, url)
     if is_new and manifest["backend"] == "embedded":
         # a creation killed before its manifest left collections stamped for a KB that never
         # was (records are only written after the manifest): drop them and start again
-        for name in manifest["collections"].values():
+        names = list(manifest["collections"].values())
+        names += [manifest["late_interaction"]["collection"]] if "late_interaction" in manifest else []
+        for name in names:
             with contextlib.suppress(NotFoundError):
                 client.delete_collection(name)
     vectors = VectorStore(
@@ -273,7 +334,11 @@ def _connect(path: Path, manifest: dict, url: str | None, hnsw: dict[str, int] |
             f"The Chroma collections {sorted(manifest['collections'].values())} belong to another knowledge base "
             f"(kb_id {kb_stamp!r}, expected {manifest['kb_id']!r}). Check `url`."
         )
-    return vectors
+    multivector = None
+    if "late_interaction" in manifest:
+        multivector = MultiVectorStore(path / MULTIVECTOR_DIR, client, manifest["late_interaction"], create=is_new,
+                                       collection_metadata={"mmrag_kb": manifest["kb_id"]}, hnsw=hnsw)
+    return vectors, multivector
 
 
 def _du(path: Path) -> int:

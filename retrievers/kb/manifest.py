@@ -20,8 +20,9 @@ from mmrag import __version__
 
 from ..errors import ConfigError, EmbedderMismatchError, NotAKnowledgeBaseError, SchemaVersionError
 
-if TYPE_CHECKING:  # the encoder module imports torch; reading a manifest must not
+if TYPE_CHECKING:  # the encoder modules import torch; reading a manifest must not
     from ..encoders import DualEncoder
+    from ..multivector import MultiVectorEncoder
 
 MANIFEST_NAME = "mmrag-kb.json"
 SCHEMA_VERSION = 1
@@ -43,13 +44,16 @@ def is_unfinished_creation(path: Path) -> bool:
     return all(p.name in {"chroma", LOCK_NAME, HOLDER_NAME} or _CREATION_TMP.fullmatch(p.name) for p in path.iterdir())
 
 
-def new_manifest(embedder: DualEncoder, url: str | None) -> dict:
+def new_manifest(embedder: DualEncoder, url: str | None, late_interaction: MultiVectorEncoder | None = None,
+                 fde: dict | None = None) -> dict:
+    """A new KB's manifest; with ``late_interaction`` (a multi-vector encoder) and ``fde`` (an
+    ``FDEConfig.to_dict()``), it also names the late-interaction index."""
     from ..encoders import normalize_model_id  # an embedder exists, so torch is loaded already
 
     kb_id = uuid.uuid4().hex
     # In server mode many KBs share one Chroma; unique collection names keep them apart.
     prefix = "mmrag" if url is None else f"mmrag-{kb_id[:12]}"
-    return {
+    manifest = {
         "format": "mmrag-knowledge-base",
         "schema_version": SCHEMA_VERSION,
         "library_version": __version__,
@@ -60,6 +64,10 @@ def new_manifest(embedder: DualEncoder, url: str | None) -> dict:
         "url": url,
         "collections": {"images": f"{prefix}-images", "texts": f"{prefix}-texts"},
     }
+    if late_interaction is not None:
+        manifest["late_interaction"] = {"model_id": normalize_model_id(late_interaction.model_id),
+                                        "dim": late_interaction.dim, "fde": fde, "collection": f"{prefix}-fde"}
+    return manifest
 
 
 def read_manifest(path: Path) -> dict:
@@ -104,13 +112,21 @@ def check_creatable(path: Path, embedder: DualEncoder | None, create: bool) -> b
     return True
 
 
-def check_manifest(manifest: dict, path: Path, embedder: DualEncoder | None, url: str | None) -> None:
-    """Refuse a ``url`` for an embedded KB and another embedder than the KB's."""
+def check_manifest(manifest: dict, path: Path, embedder: DualEncoder | None, url: str | None,
+                   late_interaction: MultiVectorEncoder | None = None) -> None:
+    """Refuse a ``url`` for an embedded KB, and another embedder (or multi-vector encoder) than the KB's."""
     if url is not None and manifest["backend"] == "embedded":
         raise ConfigError(
             f"`url` is {url!r} but the knowledge base at {str(path)!r} keeps its vectors in embedded Chroma; "
             "drop `url` (or build a new KB against the server)."
         )
+    li = manifest.get("late_interaction")
+    if late_interaction is not None and (li is None or late_interaction.model_id != li["model_id"]):
+        raise EmbedderMismatchError(
+            f"The knowledge base at {str(path)!r} has " + (f"its late-interaction index built with {li['model_id']!r}"
+                                                           if li else "no late-interaction index")
+            + f", not {late_interaction.model_id!r}. Open it without `late_interaction` to use "
+            + ("its own" if li else "it as it is") + ", or ingest into a new KB created with it.")
     if embedder is not None and embedder.model_id != manifest["embedder"]["model_id"]:
         raise EmbedderMismatchError(
             f"The knowledge base at {str(path)!r} was built with the embedder {manifest['embedder']['model_id']!r} "
