@@ -5,7 +5,9 @@ interleaved multi-image user turn, rendered by the model's own chat template (no
 
     query image(s) | vqa_intro | per reference: [its image] "[n] text" | vqa_question
 
-(templates ``prompts/templates/<template>_{intro,reference,question,plain}.txt``; without references the
+(an interleaved document's reference gives its chosen parts in document order instead: each image in
+place, each passage as "[n] passage";
+templates ``prompts/templates/<template>_{intro,reference,question,plain}.txt``; without references the
 turn is the query image(s) and ``<template>_plain``: MRAG-Bench's "no retrieval" setting). Adjacent
 texts are joined with a newline into one text item, since some chat templates (Idefics3's) put
 nothing between items.
@@ -64,12 +66,16 @@ _IMAGE = {"type": "image"}
 
 @dataclass
 class Reference:
-    """One retrieved reference handed to the VLM: a text, optionally an image."""
+    """One retrieved reference handed to the VLM: a text, optionally an image.
+
+    ``parts`` (an interleaved document's chosen passages and images, in document order) replaces
+    ``text`` and ``image`` in the prompt: each image in place, each passage labelled ``[n]``."""
 
     text: str
     image: PIL.Image.Image | None = None
     score: float | None = None  # relevance: the weakest is dropped first when the context is full
     id: str | None = None
+    parts: list[str | PIL.Image.Image] | None = None
 
 
 @dataclass
@@ -264,6 +270,16 @@ class VLMAnswerer:
         if references:
             add_text(render(f"{self.template}_intro"))
             for label, reference in enumerate(references, start=1):
+                if reference.parts is not None:  # a document: its parts in order, every passage labelled
+                    for part in reference.parts:
+                        if isinstance(part, PIL.Image.Image):
+                            content.append(_IMAGE)
+                            prompt_images.append(part)
+                        else:
+                            add_text(render(f"{self.template}_reference", label=str(label), text=part).strip())
+                    if not any(isinstance(part, str) for part in reference.parts):  # images only: label after them
+                        add_text(render(f"{self.template}_reference", label=str(label), text="").strip())
+                    continue
                 if reference.image is not None:
                     content.append(_IMAGE)
                     prompt_images.append(reference.image)
@@ -706,7 +722,16 @@ def _check_references(name: str, references: Any) -> list[Reference]:
         if reference.image is not None and not isinstance(reference.image, PIL.Image.Image):
             raise GenerationError(f"`{name}[{i}].image` must be a PIL image or None, got "
                                   f"{type(reference.image).__name__}.")
-        if not reference.text.strip() and reference.image is None:
+        if reference.parts is not None:
+            if isinstance(reference.parts, (str, PIL.Image.Image)) or not isinstance(reference.parts, Sequence) \
+                    or not reference.parts:
+                raise GenerationError(f"`{name}[{i}].parts` must be a non-empty list of strings and PIL images, "
+                                      f"got {reference.parts!r}.")
+            for j, part in enumerate(reference.parts):
+                if not (isinstance(part, PIL.Image.Image) or (isinstance(part, str) and part.strip())):
+                    raise GenerationError(f"`{name}[{i}].parts[{j}]` must be a non-empty string or a PIL image, "
+                                          f"got {part!r}.")
+        elif not reference.text.strip() and reference.image is None:
             raise GenerationError(f"`{name}[{i}]` has neither text nor image; drop it or give it one.")
         if reference.score is not None and not _is_number(reference.score):
             raise GenerationError(f"`{name}[{i}].score` must be a finite number or None, got {reference.score!r}.")

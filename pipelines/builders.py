@@ -82,11 +82,13 @@ def _rebuild_missing_tiny_model(path: Path, config: Config) -> None:
             config.resolve_model(TINY_PREFIX + model_path.name)
 
 
-def build_reranker(config: Config, *, vlm: Any = None):
+def build_reranker(config: Config, *, vlm: Any = None, kb: KnowledgeBase | None = None):
     """The configured reranker, or ``None`` when ``reranker.name`` is null.
 
     The ``vlm`` reranker scores with a VLM: ``vlm`` (an object with ``.model`` and ``.processor``,
     such as the answering pipeline's :class:`VLMAnswerer`) when given, else the config's own VLM.
+    The ``dual_encoder`` reranker caches its image vectors in ``kb`` (the KB whose candidates it
+    reranks), so that each KB image is embedded by it once.
     """
     from mmrag.retrievers.rerank import reranker_from_config
 
@@ -98,7 +100,7 @@ def build_reranker(config: Config, *, vlm: Any = None):
         return reranker_from_config("vlm", vlm=build_answerer(config) if vlm is None else vlm, batch_size=r.batch_size)
     if r.name == "dual_encoder":
         return reranker_from_config("dual_encoder", encoder=config.resolve_model(r.dual_encoder_model),
-                                    batch_size=r.batch_size, device=r.device)
+                                    batch_size=r.batch_size, device=r.device, kb=kb)
     return reranker_from_config("cross_encoder", model_id=config.resolve_model(r.cross_encoder_model),
                                 batch_size=r.batch_size, device=r.device)
 

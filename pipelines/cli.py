@@ -6,6 +6,7 @@ Errors print one line on stderr and exit non-zero; set ``MMRAG_DEBUG=1`` for tra
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -435,13 +436,18 @@ def print_hits(hits: Sequence, as_json: bool) -> None:
     if as_json:
         print(json.dumps([{"rank": h.rank, "id": h.id, "score": h.score, "scores": h.scores, "text": h.record.text,
                            "source_path": h.record.source_path, "image": h.record.image,
-                           "metadata": h.record.metadata} for h in hits]))
+                           "metadata": h.record.metadata, "parts": [dataclasses.asdict(p) for p in h.parts]}
+                          for h in hits]))
         return
     if not hits:
         print("no hits")
     for h in hits:
         text = h.record.text if len(h.record.text) <= 60 else h.record.text[:57] + "..."
         print(f"{h.rank:>3}  {h.score:8.4f}  {h.id:<34}  {text:<60}  {h.record.source_path or '-'}")
+        for p in h.parts:  # a document: the parts that matched, best first
+            shown = p.text if p.kind == "text" else (p.source_path or p.image or "-")
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            print(f"{'':>3}  {p.score:8.4f}  {f'part {p.index} ({p.kind})':<34}  {shown}")
 
 
 def print_stream(out: Any) -> Any:
@@ -528,7 +534,7 @@ def _cmd_search(args) -> int:
         answerer = build_answerer(cfg)
         captioner, rewriter = vlm_captioner(answerer), vlm_rewriter(answerer)
         rewriter = rewriter if cfg.retriever.composed_method == "cirevl" else None
-    search = SearchPipeline(build_retriever(cfg, kb, captioner=captioner, rewriter=rewriter), build_reranker(cfg))
+    search = SearchPipeline(build_retriever(cfg, kb, captioner=captioner, rewriter=rewriter), build_reranker(cfg, kb=kb))
     hits = search(query, k=args.k, where=where)
     if hits.collapsed:
         print(f"note: {hits.collapsed} near-duplicate(s) left out (retriever.near_duplicate_threshold "
@@ -705,7 +711,7 @@ def _cmd_eval(args) -> int:
     kb = open_knowledge_base(cfg, create=False)
     from .search import SearchPipeline
 
-    search = SearchPipeline(build_retriever(cfg, kb), build_reranker(cfg))
+    search = SearchPipeline(build_retriever(cfg, kb), build_reranker(cfg, kb=kb))
     report = evaluate_retrieval(search, queries, where=_parse_where(args.where), ablate_channels=not args.no_ablation,
                                 progress=_bar(args, None, "eval retrieval", unit="query"))
     print(json.dumps(report.to_dict()) if args.json else report.table())

@@ -649,10 +649,12 @@ class Client:
                       metadata=dict(r.get("metadata") or {}), source_path=r.get("source_path"))
 
     def _hit(self, h: Mapping[str, Any]) -> "Hit":
-        from mmrag.retrievers import Hit
+        from mmrag.retrievers import DocumentPart, Hit
 
+        parts = [DocumentPart(index=int(p["index"]), kind=p["kind"], score=float(p["score"]), text=p.get("text"),
+                              source_path=p.get("source_path")) for p in h.get("parts") or []]
         return Hit(id=h["id"], record=self._record(h), score=float(h["score"]), scores=dict(h.get("scores") or {}),
-                   rank=int(h["rank"]))
+                   rank=int(h["rank"]), parts=parts)
 
     def _reference(self, ref: Mapping[str, Any], given: Image.Image | None = None) -> "Hit":
         """A reference of an answer or a drawing; one given with a draw keeps its PIL image."""

@@ -53,8 +53,9 @@ class KnowledgeBaseConfig(_Section):
     max_image_pixels: int = Field(DEFAULT_MAX_IMAGE_PIXELS, gt=0)
     max_text_chars: int = Field(DEFAULT_MAX_TEXT_CHARS, gt=0)
     allow_remote: bool = False  # fetch http(s) image URLs found in manifests
-    hnsw: dict[Literal["ef_search", "ef_construction", "max_neighbors"], int] = Field(
-        default_factory=lambda: {"ef_search": 400})  # Chroma HNSW settings, fixed when the KB is created
+    # Chroma HNSW settings of a new KB; {}: ef_search 400 and max_neighbors 32, with ef_search raised
+    # as the KB grows (retrievers/kb/hnsw.py). A key set here is never changed.
+    hnsw: dict[Literal["ef_search", "ef_construction", "max_neighbors"], int] = Field(default_factory=dict)
 
 
 class LateInteractionConfig(_Section):

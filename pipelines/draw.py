@@ -79,7 +79,7 @@ class EntityImagePipeline:
         retriever = build_retriever(cfg, open_knowledge_base(cfg, create=False)) if with_kb else None
         d = cfg.draw
         return cls(build_generator(cfg) if with_generator else None, retriever,
-                   reranker=build_reranker(cfg) if with_kb else None,
+                   reranker=build_reranker(cfg, kb=retriever.kb) if with_kb else None,
                    channels=d.channels, fold_reference_texts=d.fold_reference_texts, k=d.k,
                    num_inference_steps=d.num_inference_steps, height=d.height, width=d.width,
                    decide=d.decide, decide_threshold=d.decide_threshold)

@@ -142,7 +142,7 @@ class ToolBackend:
                 helpers = {"captioner": vlm_captioner(vlm),
                            "rewriter": vlm_rewriter(vlm) if method == "cirevl" else None}
             # what SearchPipeline.from_config builds, on the KB kb_info reads
-            self._search = SearchPipeline(build_retriever(cfg, self.kb, **helpers), build_reranker(cfg, vlm=vlm))
+            self._search = SearchPipeline(build_retriever(cfg, self.kb, **helpers), build_reranker(cfg, vlm=vlm, kb=self.kb))
         return self._search
 
     def vqa(self) -> "RAGVQAPipeline":

@@ -4,6 +4,7 @@ build these from a server's answers without importing torch, transformers or dif
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -37,7 +38,8 @@ class VQAOutput:
 
     def to_dict(self) -> dict[str, Any]:
         ref = lambda h: {"id": h.id, "rank": h.rank, "score": h.score, "scores": h.scores, "text": h.record.text,
-                         "source_path": h.record.source_path, "metadata": h.record.metadata, "image": h.record.image}
+                         "source_path": h.record.source_path, "metadata": h.record.metadata, "image": h.record.image,
+                         "parts": [dataclasses.asdict(p) for p in getattr(h, "parts", [])]}
         return {"answer": self.answer, "choice": self.choice, "choice_scores": self.choice_scores,
                 "references": [ref(h) for h in self.references], "cited": [h.id for h in self.cited],
                 "prompt": self.prompt,

@@ -39,7 +39,8 @@ class SearchPipeline:
         from .builders import build_reranker, build_retriever, open_knowledge_base
 
         cfg = load_config(config, {} if kb_path is None else {"kb.path": kb_path})
-        return cls(build_retriever(cfg, open_knowledge_base(cfg, create=False)), build_reranker(cfg, vlm=vlm))
+        kb = open_knowledge_base(cfg, create=False)
+        return cls(build_retriever(cfg, kb), build_reranker(cfg, vlm=vlm, kb=kb))
 
     @property
     def kb(self) -> KnowledgeBase:

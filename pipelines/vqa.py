@@ -3,7 +3,8 @@
 Stages (after EchoSight and RoRA-VLM): validate -> retrieve (optionally two-stage: the image
 finds entity records whose texts expand the question for a second retrieval) -> rerank ->
 drop weak references -> answer with a VLM that sees the query image first, then each reference
-image with its text, labelled [1]..[k], then the question (MRAG-Bench's layout).
+image with its text, labelled [1]..[k] (an interleaved document: its best parts for the query, in
+document order), then the question (MRAG-Bench's layout).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class RAGVQAPipeline:
         cfg = load_config(config, {} if kb_path is None else {"kb.path": kb_path})
         answerer = build_answerer(cfg)
         retriever = build_retriever(cfg, open_knowledge_base(cfg, create=False)) if with_kb else None
-        reranker = build_reranker(cfg, vlm=answerer) if with_kb else None
+        reranker = build_reranker(cfg, vlm=answerer, kb=retriever.kb) if with_kb else None
         v = cfg.vqa
         return cls(answerer, retriever, reranker=reranker, min_score=v.min_score, two_stage=v.two_stage,
                    expansion_k=v.expansion_k, channels=v.channels, k=v.k)
@@ -173,6 +174,12 @@ class RAGVQAPipeline:
 
 
 def _reference(hit: Hit) -> Reference:
+    # a document: its best parts for the question, in document order (an image part read back from a
+    # server has no file here, only its source path: left out)
+    parts = [p for p in sorted(hit.parts, key=lambda p: p.index) if p.kind == "text" or p.image is not None]
+    if parts:
+        return Reference(text=hit.record.text, score=hit.score, id=hit.id,
+                         parts=[_part_image(hit, p) if p.kind == "image" else p.text for p in parts])
     image = hit.record.image
     if image is not None and not isinstance(image, Image.Image):
         try:
@@ -181,6 +188,15 @@ def _reference(hit: Hit) -> Reference:
             raise KnowledgeBaseError(f"Reference {hit.id!r}: its stored image {str(image)!r} cannot be read ({e}); "
                                      "run `mmrag kb verify --kb DIR` to check the knowledge base.") from None
     return Reference(text=hit.record.text, image=image, score=hit.score, id=hit.id)
+
+
+def _part_image(hit: Hit, part) -> Image.Image:
+    try:  # held to ingestion's checks, as a record's image is (Record.open_image)
+        return Record(text="", image=part.image, id=hit.id).open_image()
+    except (OSError, InvalidItemError) as e:
+        raise KnowledgeBaseError(f"Reference {hit.id!r}: the stored image {str(part.image)!r} of its part {part.index} "
+                                 f"cannot be read ({e}); run `mmrag kb verify --kb DIR` to check the knowledge "
+                                 "base.") from None
 
 
 def _match(hits: list[Hit], refs: list[Reference], chosen: list[Reference]) -> list[Hit]:

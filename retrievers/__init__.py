@@ -20,6 +20,7 @@ _EXPORTS = {
     "FDEConfig": "mmrag.retrievers.muvera",
     "KnowledgeBase": "mmrag.retrievers.kb.knowledge_base",
     "Hit": "mmrag.retrievers.query",
+    "DocumentPart": "mmrag.retrievers.query",
     "Hits": "mmrag.retrievers.query",
     "Query": "mmrag.retrievers.query",
     "IngestReport": "mmrag.retrievers.kb.records",

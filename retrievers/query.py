@@ -100,12 +100,26 @@ def _load_query_image(image: Any) -> Image.Image:
 
 
 @dataclass
+class DocumentPart:
+    """One part of a retrieved interleaved document (``retrievers/kb/documents.py``): a passage or
+    an image, with its cosine similarity to the query (see ``retrievers/passages.py``)."""
+
+    index: int  # 0-based position in the document
+    kind: str  # "text" | "image"
+    score: float
+    text: str | None = None  # a passage's text
+    image: str | None = None  # an image part's stored file (absolute path; None from a server)
+    source_path: str | None = None  # an image part as its manifest wrote it
+
+
+@dataclass
 class Hit:
     """One retrieved record.
 
     ``score`` is the fused score (higher is better; after a rerank, the reranker's score);
     ``scores`` holds each channel's own score (cosine similarity, or BM25 for ``lexical``) and,
-    after a rerank, ``"rerank"``; ``rank`` is 1-based.
+    after a rerank, ``"rerank"``; ``rank`` is 1-based. For a document, ``parts`` holds its best
+    parts for the query, best first (``document_parts`` of them; empty for a plain record).
     """
 
     id: str
@@ -113,6 +127,12 @@ class Hit:
     score: float
     scores: dict[str, float] = field(default_factory=dict)
     rank: int = 0
+    parts: list[DocumentPart] = field(default_factory=list)
+
+    @property
+    def matched_part(self) -> DocumentPart | None:
+        """The document part closest to the query (None for a plain record)."""
+        return self.parts[0] if self.parts else None
 
     def with_score(self, score: float, rank: int, **extra: float) -> "Hit":
         return replace(self, score=float(score), rank=rank, scores={**self.scores, **extra})

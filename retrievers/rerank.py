@@ -10,7 +10,8 @@ order), with ``score`` and ``scores["rerank"]`` set to that score, the per-chann
 each implementation fills only ``_score(query, hits) -> (n,) array``:
 
 - :class:`DualEncoderReranker`: exact rescoring with a (usually larger) CLIP/SigLIP dual encoder,
-  fusing image and text similarities with EchoSight-style weights;
+  fusing image and text similarities with EchoSight-style weights; given the knowledge base, it
+  embeds each candidate image once (``kb/vector_cache.py``);
 - :class:`CrossEncoderReranker`: BLIP's image-text matching (ITM) probability;
 - :class:`VLMReranker`: MM-Embed's zero-shot reranking, P("yes") from a VLM asked whether the
   candidate matches the query.
@@ -26,7 +27,7 @@ import inspect
 import math
 import os
 import threading
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -39,6 +40,9 @@ from mmrag._devices import device_problem
 
 from .errors import ConfigError, InvalidItemError, ModelLoadError
 from .query import Hit, Query, QueryLike
+
+if TYPE_CHECKING:  # not at run time: the knowledge base imports Chroma
+    from .kb.knowledge_base import KnowledgeBase
 
 # Real models for configs/default.yaml (the tests use the tiny builders in pipelines/tiny_models.py).
 DEFAULT_DUAL_ENCODER_RERANKER = "openai/clip-vit-large-patch14"  # CLIP ViT-L/14, a step up from a B/32 KB
@@ -129,10 +133,15 @@ class DualEncoderReranker(Reranker):
         image_weight, text_weight: weights (>= 0, not both 0) of the candidate image and text.
         batch_size: candidates whose images are opened and embedded together.
         device, dtype: for an encoder built from a model id (a given DualEncoder keeps its own).
+        kb: the :class:`KnowledgeBase` the candidates come from, to cache the encoder's vectors of
+            its images in it (:meth:`KnowledgeBase.vector_cache`): a candidate image seen before is
+            read back, bit-equal, instead of embedded. ``None``: every image is embedded each time.
+            Candidates whose image is not a file of that KB's image store are embedded uncached.
     """
 
     def __init__(self, encoder: DualEncoder | str | os.PathLike, image_weight: float = 0.5, text_weight: float = 0.5,
-                 *, batch_size: int = 32, device: str | None = None, dtype: str | None = None):
+                 *, batch_size: int = 32, device: str | None = None, dtype: str | None = None,
+                 kb: KnowledgeBase | None = None):
         super().__init__(batch_size=batch_size)
         for name, weight in (("image_weight", image_weight), ("text_weight", text_weight)):
             if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight) or weight < 0:
@@ -152,6 +161,10 @@ class DualEncoderReranker(Reranker):
             raise ConfigError(f"`encoder` must be a DualEncoder or a model id, got {type(encoder).__name__}.")
         self.image_weight = float(image_weight)
         self.text_weight = float(text_weight)
+        if kb is not None and not callable(getattr(kb, "vector_cache", None)):
+            raise ConfigError(f"`kb` must be a KnowledgeBase (or None), got {type(kb).__name__}.")
+        self.kb = kb
+        self._cache = None  # kb.vector_cache(encoder), made in warm_up (it needs the loaded model)
 
     def __repr__(self) -> str:
         return (f"DualEncoderReranker({self.encoder.model_id!r}, image_weight={self.image_weight}, "
@@ -159,6 +172,9 @@ class DualEncoderReranker(Reranker):
 
     def warm_up(self) -> "DualEncoderReranker":
         self.encoder.warm_up()
+        with self._lock:
+            if self.kb is not None and self._cache is None:
+                self._cache = self.kb.vector_cache(self.encoder)
         return self
 
     def _score(self, query: Query, hits: list[Hit]) -> np.ndarray:
@@ -173,13 +189,32 @@ class DualEncoderReranker(Reranker):
         for batch in self._batches(hits):
             s = np.zeros(len(batch))
             if self.image_weight != 0:
-                images = enc.embed_images([_hit_image(h) for h in batch])  # (b, dim)
+                images = self._image_vectors(batch)  # (b, dim)
                 s += self.image_weight * (images @ queries.T).mean(axis=1)
             if self.text_weight != 0:
                 texts = enc.embed_texts([h.record.text for h in batch])  # (b, dim)
                 s += self.text_weight * (texts @ queries.T).mean(axis=1)
             scores.append(s)
         return np.concatenate(scores)
+
+    def _image_vectors(self, hits: list[Hit]) -> np.ndarray:
+        """The candidates' image vectors: read from the KB's cache where it has them; the others
+        embedded in one call (an image shared by several candidates once) and cached."""
+        cache = self._cache
+        if cache is None:
+            return self.encoder.embed_images([_hit_image(h) for h in hits])
+        shas = [cache.sha_of(h.record.image) for h in hits]  # None: not an image of the KB's store
+        found = cache.get(s for s in shas if s is not None)
+        todo: dict[Any, int] = {}  # sha (or the hit's position, when uncacheable) -> a hit to embed it from
+        for i, sha in enumerate(shas):
+            if sha not in found:
+                todo.setdefault(i if sha is None else sha, i)
+        if todo:
+            embedded = self.encoder.embed_images([_hit_image(hits[i]) for i in todo.values()])  # (m, dim)
+            fresh = dict(zip(todo, embedded))
+            cache.put({k: v for k, v in fresh.items() if isinstance(k, str)})
+            found.update(fresh)
+        return np.stack([found[i if sha is None else sha] for i, sha in enumerate(shas)])
 
 
 # ----------------------------------------------------------------------------------- cross encoder

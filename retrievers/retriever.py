@@ -37,6 +37,8 @@ from .errors import ConfigError
 from .fusion import maximal_marginal_relevance, reciprocal_rank_fusion, weighted_score_fusion
 from .hubness import HubnessBanks
 from .kb import KnowledgeBase
+from .kb.parts import is_document
+from .passages import best_parts
 from .query import Hit, Hits, Query, QueryLike
 from .settings import CHANNELS, MAX_K, RetrieverSettings
 
@@ -105,23 +107,30 @@ class MultimodalRetriever:
         return dataclasses.replace(base, **overrides).validate()
 
     # ------------------------------------------------------------------ public
-    def retrieve(self, query: QueryLike, k: int = 10, where: dict | None = None, **overrides: Any) -> Hits:
+    def retrieve(self, query: QueryLike | ChannelQuery, k: int = 10, where: dict | None = None,
+                 **overrides: Any) -> Hits:
         """Top-``k`` hits for ``query`` (a str, a PIL image, an image path, or a :class:`Query`).
 
         ``where`` is a Chroma metadata filter; ``overrides`` change any setting for this call.
         ``k`` is at most :data:`MAX_K`. The result is a :class:`Hits` list; ``hits.collapsed``
         counts the near-duplicates dropped.
+
+        ``query`` may also be what :meth:`encode` returned: then it is not embedded again (to
+        embed a batch once, or to time retrieval alone), and ``overrides`` apply on top of the
+        settings it was encoded with.
         """
-        s = self._merge(self.settings, overrides) if overrides else self.settings
+        encoded = query if isinstance(query, ChannelQuery) else None
+        base = self.settings if encoded is None else encoded.settings
+        s = self._merge(base, overrides) if overrides else base
         if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
             raise ConfigError(f"`k` must be a positive integer, got {k!r}.")
         if k > MAX_K:
             raise ConfigError(f"`k` must be at most MAX_K = {MAX_K}, got {k!r}: ask for fewer hits, or narrow "
                               "the query with a `where` filter.")
-        q = Query.coerce(query)
+        q = Query.coerce(query) if encoded is None else encoded.query
         where = validate_where(where)
         channels = self._channels_for(q, s)
-        cq = self._encode(q, s)  # 1. embed the query once
+        cq = self._encode(q, s) if encoded is None else self._reuse(encoded, s)  # 1. embed the query once
         # Every channel fetches at least k, so that k hits can come back. A single prefix-stable
         # channel (dense or lexical, ranked by RRF, no MMR or hubness) first fetches only 2k: the
         # near-duplicate walk keeps the same prefix whatever follows, so if k hits survive it the
@@ -138,15 +147,29 @@ class MultimodalRetriever:
             if len(ids) >= k or exhausted or n >= self.resources.gallery.count():
                 break
             n = full if n < full else 2 * n
+        # 5. passage-level rerank: each document hit's best parts for the query (passages.py)
+        parts = best_parts(self.kb, [rid for rid in ids[:k] if is_document(cq.pool.meta[rid][0])],
+                           [v for v in (cq.text_vector, cq.image_vector) if v is not None], s.document_parts)
         return Hits([Hit(id=rid, record=cq.pool.record(rid), score=float(sc), rank=r,
-                         scores={c: per_channel[c][rid] for c in channels if rid in per_channel[c]})
+                         scores={c: per_channel[c][rid] for c in channels if rid in per_channel[c]},
+                         parts=parts.get(rid, []))
                      for r, (rid, sc) in enumerate(zip(ids[:k], scores[:k]), start=1)],
                     requested=k, collapsed=collapsed)
 
     def encode(self, query: QueryLike, **overrides: Any) -> ChannelQuery:
         """The query as channels see it (embedded once, with this call's settings): what
-        ``retriever.channel(name).search(encoded, n, where)`` takes."""
+        ``retriever.channel(name).search(encoded, n, where)`` and :meth:`retrieve` take."""
         return self._encode(Query.coerce(query), self._merge(self.settings, overrides) if overrides else self.settings)
+
+    def _reuse(self, cq: ChannelQuery, s: RetrieverSettings) -> ChannelQuery:
+        """An encoded query for one more call: its vectors, this call's settings and a new pool
+        (what an earlier call fetched may be stale)."""
+        mine, theirs = self.kb.manifest["embedder"], cq.pool.kb.manifest["embedder"]
+        if theirs != mine:
+            raise ConfigError(f"The encoded query was embedded by {theirs['model_id']!r} (dim {theirs['dim']}), but "
+                              f"the knowledge base at {self.kb.path} uses {mine['model_id']!r} (dim {mine['dim']}): "
+                              "encode it with this retriever's `encode()`.")
+        return dataclasses.replace(cq, settings=s, pool=CandidatePool(self.kb))
 
     def _encode(self, q: Query, s: RetrieverSettings) -> ChannelQuery:
         emb = self.kb.embedder
@@ -166,11 +189,16 @@ class MultimodalRetriever:
         weights = {c: s.weights.get(c, 1.0) for c in channels}
         fused = (reciprocal_rank_fusion(results, weights, s.rrf_k) if s.fusion == "rrf"
                  else weighted_score_fusion(results, weights))[:n]
-        # 4. post-process: near-duplicate collapse, then optional MMR diversity
-        if s.mmr_lambda is None:
-            ids, scores, collapsed = self._walk(fused, s.near_duplicate_threshold, pool, limit)
-        else:  # MMR weighs every candidate against the others: walk them all first
-            ids, scores, collapsed = self._walk(fused, s.near_duplicate_threshold, pool, len(fused))
+        # 4. post-process: near-duplicate collapse, then optional MMR diversity (which weighs every
+        # candidate against the others: all are walked first)
+        ids, scores, collapsed = self._walk(fused, s.near_duplicate_threshold, pool,
+                                            limit if s.mmr_lambda is None else len(fused))
+        # the records of what is left (the ANN queries fetched vectors only); one deleted meanwhile drops out
+        described = set(pool.describe(ids))
+        if len(described) < len(ids):
+            mask = np.array([i in described for i in ids], dtype=bool)
+            ids, scores = [i for i, m in zip(ids, mask) if m], scores[mask]
+        if s.mmr_lambda is not None:
             keep = set(pool.present("images", ids))  # MMR compares image vectors
             mask = np.array([i in keep for i in ids], dtype=bool)
             ids, scores = [i for i, m in zip(ids, mask) if m], scores[mask]
@@ -184,36 +212,57 @@ class MultimodalRetriever:
     def _walk(fused: list[tuple[str, float]], threshold: float | None, pool: CandidatePool,
               limit: int) -> tuple[list[str], np.ndarray, int]:
         """The first ``limit`` fused hits that still exist and are not near-duplicates of a better
-        one, and how many near-duplicates were dropped on the way. The walk is greedy and best
-        first, so it only looks up (records, image vectors) the prefix it needs, in chunks,
-        instead of every candidate."""
-        kept: list[tuple[str, float]] = []
-        kept_vecs: list[np.ndarray] = []
+        one, and how many near-duplicates were dropped on the way.
+
+        The walk is greedy and best first: a candidate is dropped when its image vector's cosine
+        with one already kept reaches ``threshold`` (a dropped one drops nothing). It looks up
+        (image vectors, candidates no channel fetched) only the prefix it needs, in chunks, and
+        compares each chunk with two matrix products, against what was kept before it and against
+        itself, in float64, so that a decision does not depend on how the candidates were chunked
+        (the doubling fetch in :meth:`retrieve` walks a longer list and must keep the same prefix)."""
+        kept_ids: list[str] = []
+        kept_scores: list[float] = []
+        kept_vecs = None  # (len(kept_ids), d) float64 once something is kept
         collapsed = 0
         step = max(2 * limit, 16)
-
-        def result():
-            return [rid for rid, _ in kept], np.array([sc for _, sc in kept]), collapsed
-
         for start in range(0, len(fused), step):
             chunk = fused[start:start + step]
             # records deleted since a channel saw them (the lexical index may lag a writer) drop out
-            pool.fetch([rid for rid, _ in chunk if rid not in pool.meta])
-            chunk = [(rid, sc) for rid, sc in chunk if rid in pool.meta]
-            if threshold is not None:  # compares image vectors: a record not (or no longer) in that collection drops out
+            pool.fetch([rid for rid, _ in chunk if not pool.known(rid)])
+            chunk = [(rid, sc) for rid, sc in chunk if pool.known(rid)]
+            if threshold is None:
+                chunk = chunk[:limit - len(kept_ids)]
+                kept_ids += [rid for rid, _ in chunk]
+                kept_scores += [sc for _, sc in chunk]
+            else:  # compares image vectors: a record not (or no longer) in that collection drops out
                 present = set(pool.present("images", [rid for rid, _ in chunk]))
                 chunk = [(rid, sc) for rid, sc in chunk if rid in present]
-            vecs = pool.vectors("images", [rid for rid, _ in chunk]) if threshold is not None else [None] * len(chunk)
-            for (rid, sc), v in zip(chunk, vecs):
-                if threshold is not None and kept_vecs and float(np.max(np.stack(kept_vecs) @ v)) >= threshold:
-                    collapsed += 1
+                if not chunk:
                     continue
-                kept.append((rid, sc))
-                if threshold is not None:
-                    kept_vecs.append(v)
-                if len(kept) >= limit:
-                    return result()
-        return result()
+                vecs = pool.vectors("images", [rid for rid, _ in chunk]).astype(np.float64)  # (c, d)
+                # to_kept[i]: candidate i is a near-duplicate of one kept before the chunk; better[i]:
+                # the better candidates of the chunk it is a near-duplicate of (few, usually none)
+                to_kept = ((np.max(vecs @ kept_vecs.T, axis=1) >= threshold).tolist() if len(kept_ids)
+                           else [False] * len(chunk))
+                better: dict[int, list[int]] = {}
+                for i, j in zip(*(x.tolist() for x in np.nonzero(np.tril(vecs @ vecs.T >= threshold, -1)))):
+                    better.setdefault(i, []).append(j)
+                taken: list[int] = []
+                is_taken = [False] * len(chunk)
+                for i in range(len(chunk)):
+                    if to_kept[i] or any(is_taken[j] for j in better.get(i, ())):
+                        collapsed += 1
+                        continue
+                    taken.append(i)
+                    is_taken[i] = True
+                    if len(kept_ids) + len(taken) >= limit:
+                        break
+                kept_ids += [chunk[i][0] for i in taken]
+                kept_scores += [chunk[i][1] for i in taken]
+                kept_vecs = vecs[taken] if kept_vecs is None else np.concatenate([kept_vecs, vecs[taken]])
+            if len(kept_ids) >= limit:
+                break
+        return kept_ids, np.array(kept_scores), collapsed
 
     def refresh_hubness_banks(self, size: int | None = None, seed: int = 0) -> HubnessBanks:
         """(Re)sample the hubness banks of ``size`` (default: the ``hubness_bank_size`` setting)

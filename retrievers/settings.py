@@ -62,6 +62,9 @@ class RetrieverSettings:
     # recall@10 0.976-0.988 against brute-force Chamfer on 5,000 clustered documents (muvera.py's
     # table); 100k documents need ~1,000 (benchmarks/late_interaction.py)
     late_interaction_candidates: int = 300
+    # interleaved documents: the best parts (passages or images) of each document hit, scored against
+    # the query (passage-level rerank, passages.py) and given on Hit.parts; 0: none
+    document_parts: int = 1
 
     def validate(self) -> RetrieverSettings:
         if self.channels is not None:
@@ -86,6 +89,9 @@ class RetrieverSettings:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ConfigError(f"`{name}` must be a positive integer, got {v!r}.")
+        if not isinstance(self.document_parts, int) or isinstance(self.document_parts, bool) or self.document_parts < 0:
+            raise ConfigError(f"`document_parts` must be an integer >= 0 (0: no parts on document hits), "
+                              f"got {self.document_parts!r}.")
         for name in ("weimocir_alpha", "weimocir_beta", "pdv_beta"):
             _unit_interval(name, getattr(self, name))
         if self.near_duplicate_threshold is not None:

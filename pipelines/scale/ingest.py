@@ -179,7 +179,9 @@ class EmbedActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         items = batch["item"]
         n = len(items)
-        embedded = np.array([item is not None and item.id not in self.known for item in items], dtype=bool)
+        # an interleaved document is embedded by the writer, from its parts (retrievers/kb/documents.py)
+        embedded = np.array([item is not None and item.id not in self.known and item.parts is None for item in items],
+                            dtype=bool)
         image_vectors = np.zeros((n, self.dim), dtype=np.float32)
         text_vectors = np.zeros((n, self.dim), dtype=np.float32)
         truncated = np.zeros(n, dtype=np.int64)

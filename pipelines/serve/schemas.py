@@ -135,6 +135,16 @@ class AskForm(_AskFields):
     image: bytes | None = Field(None, description="the image the question is about")
 
 
+class PartOut(_Response):
+    """One part of a retrieved interleaved document, as the hit gives it."""
+
+    index: int = Field(description="0-based position in the document")
+    kind: Literal["text", "image"]
+    score: float = Field(description="cosine with the query (the mean over its text and image)")
+    text: str | None = Field(description="a passage's text (null for an image)")
+    source_path: str | None = Field(description="an image part as its manifest wrote it")
+
+
 class HitOut(_Response):
     id: str
     rank: int
@@ -144,6 +154,8 @@ class HitOut(_Response):
     source_path: str | None = Field(description="where the record came from in its source")
     metadata: dict[str, Any]
     image_url: str
+    parts: list[PartOut] = Field(default_factory=list,
+                                 description="an interleaved document's best parts for the query, best first")
 
 
 class SearchResponse(_Response):
@@ -161,6 +173,8 @@ class ReferenceOut(_Response):
     source_path: str | None
     metadata: dict[str, Any]
     image_url: str | None = Field(description="null for an image given with the request")
+    parts: list[PartOut] = Field(default_factory=list,
+                                 description="an interleaved document's parts in the prompt, best first")
 
 
 class AskResponse(_Response):

@@ -88,7 +88,7 @@ class Service:
     def reranker(self):
         # the vlm reranker scores with the answering VLM instead of loading a second copy of it
         return self._once("reranker", lambda: build_reranker(
-            self.config, vlm=self.answerer if self.config.reranker.name == "vlm" else None))
+            self.config, vlm=self.answerer if self.config.reranker.name == "vlm" else None, kb=self.kb))
 
     @property
     def search_pipeline(self) -> SearchPipeline:

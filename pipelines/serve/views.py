@@ -14,7 +14,8 @@ from PIL import Image
 from mmrag.retrievers import Hit, IngestReport, Record
 
 from ..outputs import ImageOutput, VQAOutput
-from .schemas import AskResponse, DrawResponse, HitOut, IngestReportOut, RecordOut, ReferenceOut, SearchResponse
+from .schemas import (AskResponse, DrawResponse, HitOut, IngestReportOut, PartOut, RecordOut, ReferenceOut,
+                      SearchResponse)
 
 GIVEN_PREFIX = "given-"  # the ids the pipelines give references passed with a request
 
@@ -26,7 +27,13 @@ def image_url(record_id: str) -> str:
 def hit_out(hit: Hit) -> HitOut:
     r = hit.record
     return HitOut(id=hit.id, rank=hit.rank, score=hit.score, scores=hit.scores, text=r.text,
-                  source_path=r.source_path, metadata=r.metadata, image_url=image_url(hit.id))
+                  source_path=r.source_path, metadata=r.metadata, image_url=image_url(hit.id), parts=parts_out(hit))
+
+
+def parts_out(hit: Hit) -> list[PartOut]:
+    """A document hit's parts; an image part by its source path (server paths are not shown)."""
+    return [PartOut(index=p.index, kind=p.kind, score=p.score, text=p.text, source_path=p.source_path)
+            for p in hit.parts]
 
 
 def search_out(hits, timings: dict[str, float]) -> SearchResponse:
@@ -36,7 +43,8 @@ def search_out(hits, timings: dict[str, float]) -> SearchResponse:
 def reference_out(hit: Hit, given: bool = False) -> ReferenceOut:
     r = hit.record
     return ReferenceOut(id=hit.id, rank=hit.rank, score=hit.score, scores=hit.scores, text=r.text,
-                        source_path=r.source_path, metadata=r.metadata, image_url=None if given else image_url(hit.id))
+                        source_path=r.source_path, metadata=r.metadata, image_url=None if given else image_url(hit.id),
+                        parts=parts_out(hit))
 
 
 def ask_out(out: VQAOutput) -> AskResponse:

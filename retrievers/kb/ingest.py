@@ -8,6 +8,7 @@ from content, so re-running an interrupted ingestion finds what already landed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import queue
 import sys
@@ -20,8 +21,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import numpy as np
 
 from ..errors import EmbedderMismatchError, InvalidItemError, WriteRefusedError
+from .documents import PreparedPart, document_vector, part_rows, prepare_document
 from .images import PreparedImage, prepare_image
 from .multivector import pack_tokens
+from .parts import PARTS_KEY, PARTS_SHA_KEY, pack_parts
 from .records import IngestReport, Rejection, SourceItem, content_id
 from .sources import prepare_text
 from .store import IMAGE_KEY, SHA_KEY, SOURCE_PATH_KEY, ImageStore, check_text, encode_metadata
@@ -38,8 +41,9 @@ class PreparedItem:
     source: str
     id: str
     text: str
-    image: PreparedImage
+    image: PreparedImage  # a document's: its first image part
     metadata: dict[str, Any]  # already encoded for Chroma
+    parts: list[PreparedPart] | None = None  # a document's parts, in order (documents.py)
 
     @property
     def fingerprint(self) -> tuple:
@@ -63,6 +67,7 @@ class _Write:
     new: bool
     old_image: str | None
     upsert: bool = False
+    part_vectors: np.ndarray | None = None  # a document's (n_parts, dim), once embedded
 
 
 class Ingestion:
@@ -159,7 +164,9 @@ class Ingestion:
             return
         # 3. embed (what arrived embedded is not embedded again)
         t0 = time.perf_counter()
-        image_vectors, text_vectors = self._vectors(todo, report, vectors or {})
+        image_vectors, text_vectors, part_vectors = self._vectors(todo, report, vectors or {})
+        for w, pv in zip(todo, part_vectors):
+            w.part_vectors = pv
         tokens = self._tokens(todo)
         t1 = time.perf_counter()
         report.time("embed", t1 - t0)
@@ -181,14 +188,16 @@ class Ingestion:
                     report.updated += 1
         report.time("write", time.perf_counter() - t1)
 
-    def _vectors(self, todo: list[_Write], report: IngestReport,
-                 given: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-        """``(image vectors, text vectors)`` in ``todo``'s order: ``given`` ones, the rest embedded here."""
-        missing = [w for w in todo if w.item.id not in given]
+    def _vectors(self, todo: list[_Write], report: IngestReport, given: Mapping[str, tuple[np.ndarray, np.ndarray]]
+                 ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray | None]]:
+        """``(image vectors, text vectors, part vectors)`` in ``todo``'s order: ``given`` ones, the rest
+        embedded here. Documents are always embedded here: their vectors come from their parts."""
+        missing = [w for w in todo if w.item.id not in given or w.item.parts is not None]
         if len(missing) == len(todo):
             return self._embed(todo, report)
         embedded = dict(zip((w.item.id for w in missing), zip(*self._embed(missing, report)))) if missing else {}
-        rows = [given.get(w.item.id) or embedded[w.item.id] for w in todo]
+        rows = [embedded.get(w.item.id) or given[w.item.id] for w in todo]
+        part_vectors = [r[2] if len(r) > 2 else None for r in rows]
         image_vectors = np.stack([np.asarray(r[0], dtype=np.float32) for r in rows])
         text_vectors = np.stack([np.asarray(r[1], dtype=np.float32) for r in rows])
         if image_vectors.shape[1] != self.kb.dim or text_vectors.shape[1] != self.kb.dim:
@@ -196,7 +205,7 @@ class Ingestion:
                 f"The vectors given for this batch are {image_vectors.shape[1]}-d (images) and {text_vectors.shape[1]}-d "
                 f"(texts) but the knowledge base holds {self.kb.dim}-d vectors: embed with its model, "
                 f"{self.kb.manifest['embedder']['model_id']!r}.")
-        return image_vectors, text_vectors
+        return image_vectors, text_vectors, part_vectors
 
     def _tokens(self, todo: list[_Write]) -> list[np.ndarray] | None:
         """Each image's token vectors, for a KB with a late-interaction index (else None)."""
@@ -212,18 +221,40 @@ class Ingestion:
                 f"index holds {dim}-d vectors (at least one per image).")
         return tokens
 
-    def _embed(self, todo: list[_Write], report: IngestReport) -> tuple[np.ndarray, np.ndarray]:
+    def _embed(self, todo: list[_Write], report: IngestReport
+               ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray | None]]:
+        """Embed plain records' images and texts and documents' parts, in one call per modality."""
         embedder = self.kb.embedder
         truncated_before = embedder.texts_truncated
-        image_vectors = embedder.embed_images([w.item.image.image for w in todo])
-        text_vectors = embedder.embed_texts([w.item.text for w in todo])
+        images = [w.item.image.image for w in todo if w.item.parts is None]
+        texts = [w.item.text for w in todo if w.item.parts is None]
+        parts = [p for w in todo for p in (w.item.parts or [])]
+        image_vectors = embedder.embed_images(images + [p.image.image for p in parts if p.kind == "image"])
+        text_vectors = embedder.embed_texts(texts + [p.text for p in parts if p.kind == "text"])
         report.texts_truncated += embedder.texts_truncated - truncated_before
         if image_vectors.shape[1] != self.kb.dim:
             raise EmbedderMismatchError(
                 f"The embedder {embedder.model_id!r} makes {image_vectors.shape[1]}-d vectors but the knowledge base "
                 f"holds {self.kb.dim}-d vectors."
             )
-        return image_vectors, text_vectors
+        if not parts:
+            return image_vectors, text_vectors, [None] * len(todo)
+        # the documents' rows: each part's vector in document order, then the document's vector
+        next_image, next_text = iter(image_vectors[len(images):]), iter(text_vectors[len(texts):])
+        plain_images, plain_texts = iter(image_vectors[:len(images)]), iter(text_vectors[:len(texts)])
+        out_images, out_texts, out_parts = [], [], []
+        for w in todo:
+            if w.item.parts is None:
+                out_images.append(next(plain_images))
+                out_texts.append(next(plain_texts))
+                out_parts.append(None)
+                continue
+            pv = np.stack([next(next_image) if p.kind == "image" else next(next_text) for p in w.item.parts])
+            doc = document_vector(pv)  # (dim,)
+            out_images.append(doc)
+            out_texts.append(doc)
+            out_parts.append(pv)  # (n_parts, dim)
+        return np.stack(out_images), np.stack(out_texts), out_parts
 
     @staticmethod
     def _drop_non_finite(todo: list[_Write], image_vectors: np.ndarray, text_vectors: np.ndarray,
@@ -231,6 +262,7 @@ class Ingestion:
         """Chroma refuses a NaN or infinite vector (and with it the whole batch): reject those
         items here, before anything is journaled."""
         ok = np.isfinite(image_vectors).all(axis=1) & np.isfinite(text_vectors).all(axis=1)
+        ok &= np.array([w.part_vectors is None or bool(np.isfinite(w.part_vectors).all()) for w in todo], dtype=bool)
         if tokens is not None:
             ok &= np.array([bool(np.isfinite(t).all()) for t in tokens])
         if ok.all():
@@ -251,31 +283,40 @@ class Ingestion:
             return []
         try:
             self._store([w.item for w in todo], [w.new and not w.upsert for w in todo],
-                        [w.old_image for w in todo if w.old_image is not None], image_vectors, text_vectors, tokens)
+                        [w.old_image for w in todo if w.old_image is not None], image_vectors, text_vectors, tokens,
+                        [w.part_vectors for w in todo])
             return []
         except WriteRefusedError as e:
             if len(todo) == 1:
                 return [(todo[0], e.reason)]
-        retry = [_Write(w.item, w.new, w.old_image, upsert=True) for w in todo]
+        retry = [dataclasses.replace(w, upsert=True) for w in todo]
         mid = len(todo) // 2
         halves = (None, None) if tokens is None else (tokens[:mid], tokens[mid:])
         return (self._store_isolating(retry[:mid], image_vectors[:mid], text_vectors[:mid], halves[0])
                 + self._store_isolating(retry[mid:], image_vectors[mid:], text_vectors[mid:], halves[1]))
 
     def _store(self, todo: list[PreparedItem], is_new: list[bool], release: list[str],
-               image_vectors: np.ndarray, text_vectors: np.ndarray, tokens: list[np.ndarray] | None = None) -> None:
+               image_vectors: np.ndarray, text_vectors: np.ndarray, tokens: list[np.ndarray] | None = None,
+               part_vectors: list[np.ndarray | None] | None = None) -> None:
         """One journaled write; ``is_new``: written with ``add`` (the id was absent at lookup).
-        ``tokens`` (a late-interaction index's token vectors) travel in the same journal entry."""
-        new_images = sorted({p.metadata[IMAGE_KEY] for p in todo if not self.kb.images.path(p.metadata[IMAGE_KEY]).exists()})
+        ``tokens`` (a late-interaction index's token vectors) and documents' parts (``part_vectors``,
+        None for a plain record) travel in the same journal entry."""
+        images = {p.metadata[IMAGE_KEY]: p.image for p in todo}
+        images.update((part.relpath, part.image) for p in todo for part in (p.parts or []) if part.kind == "image")
+        new_images = sorted(rel for rel in images if not self.kb.images.path(rel).exists())
         self.kb.journal.record({"op": "images", "release": new_images})  # undone if we die before the next journal
-        for p in todo:
-            self.kb.images.put(p.image.data, p.image.sha256, p.image.ext)
-        self.kb.journal.record(
-            {"op": "upsert", "ids": [p.id for p in todo], "metadatas": [p.metadata for p in todo],
-             "documents": [p.text for p in todo], "new": is_new, "release": release},
-            vectors={"images": image_vectors, "texts": text_vectors,
-                     **(pack_tokens(tokens) if tokens is not None else {})},
-        )
+        for image in images.values():
+            self.kb.images.put(image.data, image.sha256, image.ext)
+        # an updated document's old part images are released (those the new version still uses stay)
+        updated = [p.id for p, new in zip(todo, is_new) if not new]
+        release = release + (self.kb.parts.images_of(updated) if updated else [])
+        entry = {"op": "upsert", "ids": [p.id for p in todo], "metadatas": [p.metadata for p in todo],
+                 "documents": [p.text for p in todo], "new": is_new, "release": release}
+        vectors = {"images": image_vectors, "texts": text_vectors, **(pack_tokens(tokens) if tokens is not None else {})}
+        if any(p.parts for p in todo):
+            entry["parts"] = [part_rows(p.id, p.parts) if p.parts else [] for p in todo]
+            vectors.update(pack_parts(part_vectors or [None] * len(todo), self.kb.dim))
+        self.kb.journal.record(entry, vectors=vectors)
         self.kb.journal.apply(recovering=False)
 
 
@@ -284,13 +325,21 @@ def prepare_item(item: SourceItem, label: str, *, max_text_chars: int, max_image
     A pure function of the item and the KB's limits, so Ray workers run it without the KB."""
     if item.error is not None:
         raise InvalidItemError(item.error)
-    text = prepare_text(item.text, max_chars=max_text_chars)
-    if item.image is None:
-        raise InvalidItemError("no image")
-    image = prepare_image(item.image, max_pixels=max_image_pixels)
+    document = None
+    if item.parts is not None:  # an interleaved document (documents.py): every part checked, or none kept
+        if item.text is not None or item.image is not None:
+            raise InvalidItemError("a document item has `parts`; its text and image come from them (leave both None)")
+        document = prepare_document(item.parts, max_text_chars=max_text_chars, max_image_pixels=max_image_pixels)
+        text, image = document.text, document.image
+    else:
+        text = prepare_text(item.text, max_chars=max_text_chars)
+        if item.image is None:
+            raise InvalidItemError("no image")
+        image = prepare_image(item.image, max_pixels=max_image_pixels)
     if item.id is not None and (not isinstance(item.id, str) or not item.id.strip() or len(item.id) > 512):
         raise InvalidItemError(f"`id` must be a non-empty string of at most 512 characters, got {item.id!r}")
-    record_id = item.id if item.id is not None else content_id(image.sha256, text)
+    record_id = item.id if item.id is not None else content_id(image.sha256 if document is None else document.digest,
+                                                               text)
     source = item.source or label
     try:
         check_text("`id`", record_id)
@@ -299,7 +348,10 @@ def prepare_item(item: SourceItem, label: str, *, max_text_chars: int, max_image
                                    sha256=image.sha256, source=source, source_path=item.source_path)
     except ValueError as e:
         raise InvalidItemError(str(e)) from None
-    return PreparedItem(ref=item.ref, source=source, id=record_id, text=text, image=image, metadata=metadata)
+    if document is not None:
+        metadata.update({PARTS_KEY: len(document.parts), PARTS_SHA_KEY: document.digest})
+    return PreparedItem(ref=item.ref, source=source, id=record_id, text=text, image=image, metadata=metadata,
+                        parts=document.parts if document is not None else None)
 
 
 def prefetch(gen: Iterator, depth: int = 2) -> Iterator:

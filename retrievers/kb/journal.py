@@ -36,8 +36,10 @@ import numpy as np
 from filelock import FileLock, Timeout
 
 from ..errors import KnowledgeBaseError, KnowledgeBaseLockedError, WriteRefusedError
+from . import vector_cache
 from .manifest import HOLDER_NAME, LOCK_NAME, MANIFEST_NAME, now, write_json_atomic
 from .multivector import MULTIVECTOR_DIR, TMP_SUFFIX, MultiVectorStore, unpack_tokens
+from .parts import PARTS_KEY, PartStore
 from .store import IMAGE_KEY, WRITE_REFUSALS, ImageStore, VectorStore
 
 logger = logging.getLogger(__name__)
@@ -59,6 +61,8 @@ def temp_files(path: Path) -> list[Path]:
     found = [p for p in _listdir(path) if _ATOMIC_TMP.fullmatch(p.name) or p.name == _VECTORS_TMP]
     found += [p for p in _listdir(path / REPORTS) if p.name.startswith(".failed-journal-")]
     found += [p for d in _listdir(path / MULTIVECTOR_DIR) for p in _listdir(d) if p.name.endswith(TMP_SUFFIX)]
+    # written by readers without the lock: only those no live writer can still own
+    found += vector_cache.stale_temp_files(path / vector_cache.VECTOR_CACHE_DIR)
     return found + _listdir(ImageStore(path / "images").tmp)
 
 
@@ -115,14 +119,15 @@ def writer_lock(path: Path) -> FileLock:
 # ---------------------------------------------------------------------------- the journal
 class Journal:
     """Journaled writes to the two collections and the image store of the KB at ``path`` (and to
-    its late-interaction index, ``multivector``, when it has one)."""
+    its late-interaction index, ``multivector``, when it has one, and its documents' parts, ``parts``)."""
 
     def __init__(self, path: Path, vectors: VectorStore, images: ImageStore, lock_timeout: float = 0.0,
-                 multivector: MultiVectorStore | None = None):
+                 multivector: MultiVectorStore | None = None, parts: PartStore | None = None):
         self.path = path
         self.vectors = vectors
         self.images = images
         self.multivector = multivector
+        self.parts = parts
         self.lock_timeout = lock_timeout
         self._lock = writer_lock(path)
 
@@ -182,6 +187,7 @@ class Journal:
             with np.load(self.path / _JOURNAL_VECTORS, allow_pickle=False) as v:
                 iv, tv = v["images"], v["texts"]
                 tokens = unpack_tokens(v["mv_tokens"], v["mv_counts"]) if "mv_counts" in v.files else None
+                part_vectors = v["part_vectors"] if "part_counts" in v.files else None
             new = np.asarray(entry["new"], dtype=bool) & (not recovering)
             for mask, upsert in ((new, False), (~new, True)):
                 if mask.any():
@@ -196,10 +202,18 @@ class Journal:
                         "has a late-interaction index; it was written by another program. Remove the journal by hand.")
                 # after the records: a write Chroma refuses above leaves the index as it was
                 self.multivector.write(entry["ids"], tokens, entry["metadatas"], entry["documents"])
+            replace = [entry["ids"][i] for i in np.flatnonzero(~new)]  # ids that may hold older parts
+            if self.parts is not None and ("parts" in entry or replace):
+                # after the records too; a document's old parts are removed before its new ones land
+                rows = entry.get("parts") or [[] for _ in entry["ids"]]
+                self.parts.write(rows, part_vectors if part_vectors is not None else np.zeros((0, iv.shape[1])),
+                                 replace)
         elif entry["op"] == "delete":
             self.vectors.delete(entry["ids"])
             if self.multivector is not None:
                 self.multivector.delete(entry["ids"])
+            if self.parts is not None:
+                self.parts.delete(entry["ids"])
 
     def _roll_back(self, entry: dict, error: Exception, keep_copy: bool) -> WriteRefusedError:
         """Undo a write Chroma refused: the collections agree on its ids (records half written are
@@ -210,16 +224,33 @@ class Journal:
         torn = self.vectors.make_consistent(entry.get("ids", []))
         if self.multivector is not None:  # no token vectors for a record the rollback left out
             ids = entry.get("ids", [])
-            kept = self.vectors.get(ids)
-            self.multivector.delete([i for i in ids if i not in kept])
+            still_stored = self.vectors.get(ids)
+            self.multivector.delete([i for i in ids if i not in still_stored])
+        if self.parts is not None:
+            torn += self._roll_back_parts(entry.get("ids", []))
         self.bump_revision()  # the records may have changed (torn ones deleted)
-        self.release(entry.get("release", []) + [m.get(IMAGE_KEY) for m in entry.get("metadatas", [])])
+        part_images = [meta.get(IMAGE_KEY) for rows in entry.get("parts", []) for meta, _ in rows if IMAGE_KEY in meta]
+        self.release(entry.get("release", []) + [m.get(IMAGE_KEY) for m in entry.get("metadatas", [])] + part_images)
         self._drop()
         where = f"; the refused journal is kept in {kept}" if kept else ""
         return WriteRefusedError(
             f"Chroma refused the {entry['op']} of {len(entry.get('ids', []))} record(s) ({reason}); it was rolled "
             f"back{f' and {len(torn)} half-written record(s) deleted' if torn else ''}{where}.",
             reason=f"Chroma refused the record ({reason})", kept=kept)
+
+    def _roll_back_parts(self, ids: list[str]) -> list[str]:
+        """After a refused write: no parts for a record the rollback left out, and no document
+        without all its parts (such a torn document is deleted, like a torn record). Returns those."""
+        present = self.vectors.get(ids, include=["metadatas"])
+        stored = self.parts.of(list(present), vectors=False)
+        torn = [i for i, (m, _) in present.items()
+                if [p.index for p in stored.get(i, [])] != list(range(int((m or {}).get(PARTS_KEY) or 0)))]
+        if torn:
+            self.vectors.delete(torn)
+            if self.multivector is not None:
+                self.multivector.delete(torn)
+        self.parts.delete([i for i in ids if i not in present] + torn)
+        return torn
 
     def _keep_copy(self) -> str:
         """Copy the journal (and its vectors) to ``reports/failed-journal-<time>.json`` (``.npz``)."""
@@ -241,9 +272,9 @@ class Journal:
         (self.path / _JOURNAL_VECTORS).unlink(missing_ok=True)
 
     def release(self, relpaths: list[str]) -> None:
-        """Delete the stored images among ``relpaths`` that no record references. A path that is
-        not one of the store's (read back from metadata anyone with access to Chroma can write)
-        is left alone, and logged."""
+        """Delete the stored images among ``relpaths`` that no record references, and their cached
+        rerank vectors (``vector_cache.py``). A path that is not one of the store's (read back from
+        metadata anyone with access to Chroma can write) is left alone, and logged."""
         safe = sorted({r for r in relpaths if self.images.is_safe(r)})
         for rel in relpaths:
             if not self.images.is_safe(rel):
@@ -252,9 +283,13 @@ class Journal:
         if not safe:
             return
         still_used = self.vectors.referenced_paths(safe)
-        for rel in safe:
-            if rel not in still_used:
-                self.images.delete(rel)
+        if self.parts is not None:  # a document's part images are in use too
+            still_used |= self.parts.referenced_paths(safe)
+        unused = [rel for rel in safe if rel not in still_used]
+        # whether or not the image is still there: a replay after a kill drops what the kill left
+        vector_cache.drop(self.path / vector_cache.VECTOR_CACHE_DIR, map(vector_cache.sha_of_relpath, unused))
+        for rel in unused:
+            self.images.delete(rel)
 
     # ------------------------------------------------------------------ recovery and locking
     def recover(self) -> None:

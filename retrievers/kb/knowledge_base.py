@@ -8,6 +8,7 @@ the storage primitives (``store.py``). This class is the façade users call.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -18,16 +19,22 @@ from chromadb.errors import NotFoundError
 
 from ..encoders import DualEncoder
 from ..errors import ConfigError, KnowledgeBaseError
+from .hnsw import creation_record, tune
 from .images import DEFAULT_MAX_IMAGE_PIXELS
 from .ingest import Ingestion, progress_bar
 from .journal import Journal, clean_temp_files, hold_writer_lock, writer_lock
 from .manifest import MANIFEST_NAME, check_creatable, check_manifest, new_manifest, read_manifest, write_json_atomic
 from .multivector import MULTIVECTOR_DIR, MultiVectorStore
+from .parts import PARTS_KEY, PartStore, parts_collection_name
 from .records import IngestReport, Record
 from .sources import DEFAULT_MAX_TEXT_CHARS, count_source, describe_source, iter_source
 from .store import HNSW_KEYS, IMAGE_KEY, ImageStore, VectorStore, decode_record, make_client
+from .vector_cache import VECTOR_CACHE_DIR, ImageVectorCache, sha_of_relpath
+from .vector_cache import drop as drop_cached, entries as cached_entries
 
 __all__ = ["MANIFEST_NAME", "KnowledgeBase"]
+
+log = logging.getLogger(__name__)
 
 
 class KnowledgeBase:
@@ -40,13 +47,16 @@ class KnowledgeBase:
         self.manifest = manifest
         self.vectors = vectors
         self.multivector = multivector  # the late-interaction index, when the KB has one
+        # the parts of its interleaved documents (parts.py), in a collection made with the first one
+        self.parts = PartStore(vectors.client, parts_collection_name(manifest), manifest["kb_id"],
+                               hnsw_from=vectors.images)
         self.images = ImageStore(path / "images")
         self._embedder = embedder
         self._multivector_encoder = multivector_encoder
         self.max_image_pixels = max_image_pixels
         self.max_text_chars = max_text_chars
         self.allow_remote = allow_remote
-        self.journal = Journal(path, vectors, self.images, lock_timeout, multivector=multivector)
+        self.journal = Journal(path, vectors, self.images, lock_timeout, multivector=multivector, parts=self.parts)
         self.gate = threading.Lock()  # serialises item decoding with Chroma writes (see ingest.py)
 
     # ------------------------------------------------------------------ opening
@@ -79,7 +89,9 @@ class KnowledgeBase:
             max_image_pixels, max_text_chars: ingestion limits (bigger items are rejected).
             allow_remote: let manifests reference http(s) image URLs that are fetched.
             hnsw: Chroma HNSW settings for a new KB (``ef_search``, ``ef_construction``,
-                ``max_neighbors``); default ``{"ef_search": 400}``. Ignored for an existing KB.
+                ``max_neighbors``); default ``RECORD_HNSW`` (``ef_search`` 400, ``max_neighbors`` 32),
+                with ``ef_search`` raised as the KB grows (see :meth:`tune_hnsw`). A key given here
+                is never changed. Ignored for an existing KB.
             late_interaction: a :class:`~mmrag.retrievers.multivector.MultiVectorEncoder` (or model id)
                 to give a new KB a late-interaction index (the ``late_interaction`` channel): every
                 record's token vectors and its FDE. For an existing KB it must be the one it was
@@ -168,6 +180,11 @@ class KnowledgeBase:
     def _record(self, id: str, meta: dict, text: str) -> Record:
         return decode_record(id, meta, text, self.images)
 
+    def vector_cache(self, encoder: DualEncoder) -> ImageVectorCache:
+        """The cache, in this KB's folder, of ``encoder``'s vectors of the KB's images (a dual-encoder
+        reranker's: each image is embedded by it once, see ``vector_cache.py``). Loads the encoder."""
+        return ImageVectorCache(self.path / VECTOR_CACHE_DIR, self.images, encoder)
+
     def info(self) -> dict[str, Any]:
         """Counts, embedder and sizes, as ``mmrag kb info`` prints them."""
         return {
@@ -186,6 +203,7 @@ class KnowledgeBase:
             "bytes_on_disk": _du(self.path),
             **({"late_interaction": self.manifest["late_interaction"]["model_id"],
                 "fde_vectors": self.multivector.count()} if self.multivector is not None else {}),
+            **({"document_parts": n} if (n := self.parts.count()) else {}),
         }
 
     def verify(self) -> dict[str, list[str]]:
@@ -193,11 +211,15 @@ class KnowledgeBase:
 
         ``unsafe_paths`` lists the records whose stored image path (in either collection) is not a
         file of the image store (written to Chroma by something else than mmrag): reading them
-        raises :class:`UnsafePathError`; delete them and ingest them again."""
+        raises :class:`UnsafePathError`; delete them and ingest them again. With a rerank vector
+        cache, ``orphan_cached_vectors`` lists its entries (``model key/sha256``) whose image no record
+        uses: harmless, left by a query that cached an image while it was deleted;
+        :meth:`prune_vector_cache` drops them."""
         paths = {which: self.vectors.image_paths(which) for which in ("texts", "images")}
         text_ids, image_ids = set(paths["texts"]), set(paths["images"])
         unsafe = {i for p in paths.values() for i, rel in p.items() if not self.images.is_safe(rel)}
         referenced = {rel for p in paths.values() for i, rel in p.items() if i not in unsafe}
+        parts = self._verify_parts(unsafe, referenced)  # adds the documents' part images to `referenced`
         stored = set(self.images)
         return {
             "only_in_texts": sorted(text_ids - image_ids),
@@ -206,6 +228,43 @@ class KnowledgeBase:
             "orphan_images": sorted(stored - referenced),
             "unsafe_paths": sorted(unsafe),
             **(self._verify_multivector(text_ids) if self.multivector is not None else {}),
+            **parts,
+            **({"orphan_cached_vectors": self._orphan_cached_vectors(referenced)}
+               if (self.path / VECTOR_CACHE_DIR).is_dir() else {}),
+        }
+
+    def _orphan_cached_vectors(self, referenced: set[str]) -> list[str]:
+        used = {sha_of_relpath(rel) for rel in referenced}
+        return sorted(f"{key}/{sha}" for key, shas in cached_entries(self.path / VECTOR_CACHE_DIR).items()
+                      for sha in shas - used)
+
+    def prune_vector_cache(self) -> int:
+        """Drop the rerank vector cache's entries whose image no record uses (``verify()``'s
+        ``orphan_cached_vectors``), under the writer lock; returns how many."""
+        with self.journal.write_lock():  # no write changes what is referenced meanwhile
+            orphans = self.verify().get("orphan_cached_vectors", [])
+            return drop_cached(self.path / VECTOR_CACHE_DIR, sorted({o.rsplit("/", 1)[1] for o in orphans}))
+
+    def _verify_parts(self, unsafe: set[str], referenced: set[str]) -> dict[str, list[str]]:
+        """Each document record has all its parts (``missing_parts``) and each stored part a document
+        (``orphan_parts``); a part's image counts as referenced, and a document with a part image
+        outside the image store is unsafe. No keys for a KB that never held a document."""
+        stored = self.parts.scan()
+        if stored is None:
+            return {}
+        res = self.vectors.texts.get(where={PARTS_KEY: {"$gte": 1}}, include=["metadatas"])
+        expected = {i: int(m[PARTS_KEY]) for i, m in zip(res["ids"], res["metadatas"])}
+        indices: dict[str, list[int]] = {}
+        for part in stored:
+            indices.setdefault(part.doc_id, []).append(part.index)
+            if part.kind == "image":
+                if self.images.is_safe(part.image):
+                    referenced.add(part.image)
+                else:
+                    unsafe.add(part.doc_id)
+        return {
+            "missing_parts": sorted(i for i, n in expected.items() if sorted(indices.get(i, [])) != list(range(n))),
+            "orphan_parts": sorted(set(indices) - set(expected)),
         }
 
     def _verify_multivector(self, record_ids: set[str]) -> dict[str, list[str]]:
@@ -246,6 +305,8 @@ class KnowledgeBase:
         bar = progress_bar(progress, total=total)
         with self.journal.write_lock():
             report = Ingestion(self, label).run(items, batch_size, bar)
+            if report.added:
+                self._tune_hnsw_after(report)
         bar(None)
         report.seconds = time.perf_counter() - start
         return report
@@ -258,7 +319,7 @@ class KnowledgeBase:
         return self.ingest(list(records) if not isinstance(records, list) else records, batch_size=batch_size)
 
     def delete(self, ids: str | Sequence[str]) -> int:
-        """Delete records from both collections and release images no other record uses.
+        """Delete records from both collections (a document with its parts) and release images no other record uses.
 
         Returns the number of records deleted (ids not in the KB are ignored).
         """
@@ -270,6 +331,7 @@ class KnowledgeBase:
             present = [i for i in ids if i in found]
             # a path outside the image store is dropped by release() (and logged), never deleted
             images = [m.get(IMAGE_KEY) for m, _ in found.values()]
+            images += self.parts.images_of([i for i in present if (found[i][0] or {}).get(PARTS_KEY)])
             self.journal.record({"op": "delete", "ids": present, "release": images})
             self.journal.apply(recovering=False)
         return len(present)
@@ -278,6 +340,36 @@ class KnowledgeBase:
     def revision(self) -> str:
         """Changes before and after records are written or deleted (see :class:`Journal`)."""
         return self.journal.revision
+
+    def tune_hnsw(self) -> dict | None:
+        """Raise the collections' HNSW ``ef_search`` to what the KB's size needs (``hnsw.py``:
+        :data:`~mmrag.retrievers.kb.hnsw.EF_SEARCH_BY_SIZE`), unless it was set explicitly, and
+        record it in the manifest (``"hnsw"``). :meth:`ingest` does this after every ingestion that
+        adds records; call it after writing to the collections another way. Chroma applies the new
+        value when the index is next loaded: the next process to open the KB, or a restarted
+        server. Returns what was recorded, or None when nothing changed."""
+        with self.journal.write_lock():
+            return self._tune_hnsw()
+
+    def _tune_hnsw(self) -> dict | None:
+        manifest = read_manifest(self.path / MANIFEST_NAME)  # as it is now: another process may have tuned it
+        section = tune(manifest.get("hnsw"), self.vectors, self.count())
+        if section is None:
+            return None
+        manifest["hnsw"] = self.manifest["hnsw"] = section
+        write_json_atomic(self.path / MANIFEST_NAME, manifest)
+        return section["tuned"][-1]
+
+    def _tune_hnsw_after(self, report: IngestReport) -> None:
+        try:
+            entry = self._tune_hnsw()
+        except Exception as e:  # the records are stored: a tuning Chroma refused must not fail the ingestion
+            log.warning("HNSW tuning after ingestion into %s failed: %s: %s", self.path, type(e).__name__, e)
+            report.note(f"HNSW ef_search not raised ({type(e).__name__}: {e}); retry with kb.tune_hnsw()")
+            return
+        if entry is not None:
+            report.note(f"HNSW ef_search raised from {entry['previous']} to {entry['ef_search']} at "
+                        f"{entry['count']:,} records (applies when the index is next loaded)")
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -301,6 +393,7 @@ def _create(path: Path, embedder: DualEncoder, url: str | None, hnsw: dict[str, 
                               f"FDEConfig(dim={late_interaction.dim}, ...).")
     # loads the embedders (for their dims): not while holding the lock
     manifest = new_manifest(embedder, url, late_interaction, fde_spec)
+    manifest["hnsw"] = creation_record(hnsw)
     path.mkdir(parents=True, exist_ok=True)
     with hold_writer_lock(writer_lock(path), path, lock_timeout):
         if (path / MANIFEST_NAME).exists():
@@ -321,6 +414,7 @@ def _connect(path: Path, manifest: dict, url: str | None, hnsw: dict[str, int] |
         # was (records are only written after the manifest): drop them and start again
         names = list(manifest["collections"].values())
         names += [manifest["late_interaction"]["collection"]] if "late_interaction" in manifest else []
+        names.append(parts_collection_name(manifest))
         for name in names:
             with contextlib.suppress(NotFoundError):
                 client.delete_collection(name)

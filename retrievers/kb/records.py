@@ -62,6 +62,9 @@ class SourceItem:
     manifest line, a path escaping the manifest's folder, a URL with remote fetching off, an image
     without text), ``error`` holds the reason and the other fields may be empty. ``source_path`` is
     what the stored record keeps as :attr:`Record.source_path`.
+
+    A document (an interleaved list of passages and images, a JSONL line with ``parts``) has
+    ``parts`` instead of ``text`` and ``image`` (see ``retrievers/kb/documents.py``).
     """
 
     ref: str
@@ -71,6 +74,18 @@ class SourceItem:
     id: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    source_path: str | None = None
+    parts: list[ItemPart] | None = None
+
+
+@dataclass
+class ItemPart:
+    """One part of a document item, before validation: a passage (``kind="text"``, ``value`` its
+    text) or an image (``kind="image"``, ``value`` a path, bytes or PIL image, ``source_path`` the
+    path as the manifest wrote it)."""
+
+    kind: str
+    value: Any
     source_path: str | None = None
 
 

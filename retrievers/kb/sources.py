@@ -29,6 +29,10 @@ Manifest image paths resolve against the manifest's folder and must stay inside 
 ``base_dir`` they resolve against ``base_dir`` instead and must stay inside that (an absolute path
 too), which is how a manifest names images kept elsewhere.
 
+A JSONL line with ``parts`` (``[{"text": ...}, {"image": "a.png"}, ...]``, plus ``id`` and
+``metadata``) is an interleaved document (``documents.py``): its image parts follow the rules above,
+and any bad part makes the whole line an error item.
+
 CSV manifests are parsed strictly: a row that is not valid CSV is reported, never mended. A quote
 that is never closed would make the rest of the file one field; that row is reported ("unterminated
 quote starting at line N") and the lines after its first are read again as rows of their own.
@@ -58,10 +62,12 @@ from PIL import Image
 
 from ..errors import ConfigError, InvalidItemError
 from .images import DEFAULT_MAX_IMAGE_BYTES, check_regular_file, open_regular_file, read_regular_file
-from .records import Record, SourceItem
+from .records import ItemPart, Record, SourceItem
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 DEFAULT_MAX_TEXT_CHARS = 8192
+# Parts of one document (a JSONL line with 'parts'): bounds the memory one item costs.
+MAX_DOCUMENT_PARTS = 64
 
 _ACCEPTED = (
     "a folder of images with .txt/.json sidecars, a .jsonl or .csv manifest, a WebDataset .tar shard "
@@ -498,6 +504,8 @@ def _iter_jsonl(path: Path, label: str, fetch: "_Fetcher", root: _Root) -> Itera
 
 
 def _jsonl_item(obj: dict[str, Any], ref: str, label: str, root: _Root, fetch: "_Fetcher") -> SourceItem:
+    if "parts" in obj:
+        return _jsonl_document(obj, ref, label, root, fetch)
     try:
         for key in ("image", "text"):
             if key not in obj:
@@ -510,6 +518,49 @@ def _jsonl_item(obj: dict[str, Any], ref: str, label: str, root: _Root, fetch: "
         return SourceItem(ref=ref, source=label, error=e.reason)
     return SourceItem(ref=ref, source=label, text=text, image=image, id=record_id, metadata=metadata,
                       source_path=written)
+
+
+def _jsonl_document(obj: dict[str, Any], ref: str, label: str, root: _Root, fetch: "_Fetcher") -> SourceItem:
+    """A document line: ``{"parts": [{"text": ...}, {"image": "a.png"}, ...], "id", "metadata"}``.
+    Its image parts follow the rules of an ``image`` field (inside the manifest's folder or
+    ``base_dir``; URLs with remote fetching on); any bad part rejects the whole line."""
+    try:
+        obj = dict(obj)
+        parts = obj.pop("parts")
+        clash = [key for key in ("image", "text") if key in obj]
+        if clash:
+            raise InvalidItemError(f"a document line ('parts') cannot also have {' or '.join(map(repr, clash))}: its "
+                                   "text is its passages joined and its image its first image part; drop the field")
+        if not isinstance(parts, list) or not parts:
+            raise InvalidItemError(f"'parts' must be a non-empty list of {{\"text\": ...}} and {{\"image\": ...}} "
+                                   f"objects, got {_shown(parts)}")
+        if len(parts) > MAX_DOCUMENT_PARTS:
+            raise InvalidItemError(f"'parts' has {len(parts)} parts, over the limit of {MAX_DOCUMENT_PARTS} "
+                                   "(split the document)")
+        for i, part in enumerate(parts):
+            if not isinstance(part, dict) or len(part) != 1 or next(iter(part)) not in ("text", "image"):
+                raise InvalidItemError(f"part {i} must be an object with one key, 'text' or 'image', got {_shown(part)}")
+            if "text" in part and not isinstance(part["text"], str):
+                raise InvalidItemError(f"part {i}: 'text' must be a string, got {type(part['text']).__name__}")
+        kinds = {next(iter(part)) for part in parts}
+        if kinds != {"text", "image"}:
+            missing = ({"text", "image"} - kinds).pop()
+            raise InvalidItemError(f"a document needs at least one text part and one image part; this one has no "
+                                   f"{missing} part")
+        _, record_id, metadata = _item_fields(obj, _TEXT_KEYS, use_text=False)
+        items: list[ItemPart] = []
+        for i, part in enumerate(parts):  # images last: nothing is fetched for a line already bad
+            if "text" in part:
+                items.append(ItemPart("text", part["text"]))
+                continue
+            try:
+                items.append(ItemPart("image", _manifest_image(part["image"], root, fetch), part["image"]))
+            except InvalidItemError as e:
+                raise InvalidItemError(f"part {i} (image): {e.reason}") from None
+    except InvalidItemError as e:
+        return SourceItem(ref=ref, source=label, error=e.reason)
+    first_image = next(p.source_path for p in items if p.kind == "image")
+    return SourceItem(ref=ref, source=label, id=record_id, metadata=metadata, source_path=first_image, parts=items)
 
 
 def _open_csv(path: Path) -> io.TextIOWrapper:

@@ -44,8 +44,14 @@ WRITE_REFUSALS = (InvalidArgumentError, DuplicateIDError, BatchSizeExceededError
 # The only relative paths an image store hands out: ``ab/ab<62 more hex>.<ext>``.
 _RELPATH = re.compile(r"([0-9a-f]{2})/\1[0-9a-f]{62}\.[a-z0-9]{1,8}")
 # Chroma's ef_search of 100 gives recall@10 of ~0.86 on 20k 512-d vectors of intrinsic dimension 64;
-# 400 gives 0.996 for +1 ms per query (measured here, see benchmarks/retrieval.py). Fixed at creation.
+# 400 gives 0.996 for +1 ms per query (measured here, see benchmarks/retrieval.py). What every collection
+# mmrag makes starts with; a KB raises its records' ef_search as it grows (hnsw.py).
 DEFAULT_HNSW = {"ef_search": 400}
+# The record collections' graph: max_neighbors 32 (Chroma's default is 16) gives recall@10 0.999 at 100k
+# records with ef_search 800, where 16 needs 1600 for 0.998, at 1.07x the query time of 32's; at 400,
+# 32 gives 0.989-0.997 and 16 0.93. +5% on disk, inserts 1.16x (benchmarks/hnsw_curve.py). Fixed at
+# creation; ef_search is raised with the KB's size (hnsw.py).
+RECORD_HNSW = {**DEFAULT_HNSW, "max_neighbors": 32}
 HNSW_KEYS = ("ef_search", "ef_construction", "max_neighbors")
 
 
@@ -61,6 +67,7 @@ class ImageStore:
         self.root = Path(root)
         self.tmp = self.root / ".tmp"  # where writes go before their rename (cleaned under the writer lock)
         self._made: set[str] = set()  # folders known to exist (saves a syscall per image)
+        self._resolved_root: tuple[tuple[int, int], str] | None = None  # ((st_dev, st_ino), realpath) of the root
 
     @staticmethod
     def relpath(sha256: str, ext: str) -> str:
@@ -73,8 +80,21 @@ class ImageStore:
         write to a shared server can set (``"../../x"``, ``"/etc/x"``): each is checked before use."""
         if not isinstance(relpath, str) or not _RELPATH.fullmatch(relpath):
             return False
-        root = os.path.realpath(self.root)
-        return os.path.commonpath([root, os.path.realpath(os.path.join(root, relpath))]) == root
+        # retrieve() checks every hit: resolving the whole path each time cost ~0.1 ms (an lstat per
+        # component). The root's realpath is kept while the root is the same directory (one stat);
+        # below it, a valid path has two components, resolved only when one of them is a link.
+        try:
+            st = os.stat(self.root)
+        except OSError:  # no store (yet): nothing below the root, so no link out of it either
+            return True
+        if self._resolved_root is None or self._resolved_root[0] != (st.st_dev, st.st_ino):
+            self._resolved_root = ((st.st_dev, st.st_ino), os.path.realpath(self.root))
+        root = self._resolved_root[1]
+        folder = os.path.join(self.root, relpath[:2])
+        path = os.path.join(folder, relpath[3:])
+        if not os.path.islink(folder) and not os.path.islink(path):
+            return True  # the root resolves to `root` and nothing below it is a link
+        return os.path.commonpath([root, os.path.realpath(path)]) == root
 
     def path(self, relpath: str, record_id: str | None = None) -> Path:
         """The absolute path of the stored image ``relpath``; :class:`UnsafePathError` when it
@@ -301,7 +321,7 @@ class VectorStore:
         kwargs: dict[str, Any] = dict(embedding_function=None)  # never let Chroma load its default model
         if create:
             # Chroma's default space is l2; our vectors are unit-normalised and scored by cosine.
-            config = {"hnsw": {**DEFAULT_HNSW, **(hnsw or {}), "space": "cosine"}}
+            config = {"hnsw": {**RECORD_HNSW, **(hnsw or {}), "space": "cosine"}}
             get = lambda name: client.get_or_create_collection(
                 name, configuration=config, metadata=collection_metadata, **kwargs
             )
