@@ -157,8 +157,13 @@ def evaluate_retrieval(retriever, queries: Sequence[EvalQuery], *, where: dict |
     :class:`~mmrag.pipelines.search.SearchPipeline`) and score the rankings; with
     ``ablate_channels``, again through each channel alone. ``progress(done, total)`` is called
     after every query run."""
+    base = getattr(retriever, "retriever", retriever)  # a SearchPipeline's own retriever
+
+    def served(ch: str) -> bool:  # e.g. late_interaction only on a KB with that index
+        return not hasattr(base, "channel") or base.channel(ch).unavailable() is None
+
     usable = {ch: [q for q in queries if (q.query.has_text or not needs_text) and (q.query.has_image or not needs_image)]
-              for ch, (needs_text, needs_image) in CHANNELS.items()} if ablate_channels else {}
+              for ch, (needs_text, needs_image) in CHANNELS.items() if served(ch)} if ablate_channels else {}
     total = len(queries) + sum(len(u) for u in usable.values())
     done = 0
 
