@@ -47,6 +47,28 @@ def _features(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
+def check_texts(texts: Sequence[str]) -> list[str]:
+    """``texts`` as a list, each checked to be a string (a bare string is refused, not split)."""
+    if isinstance(texts, str):
+        raise ConfigError(f"`texts` must be a list of strings, got a single string {texts[:40]!r}; wrap it in a list.")
+    texts = list(texts)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise ConfigError(f"`texts[{i}]` must be a string, got {type(t).__name__}.")
+    return texts
+
+
+def check_images(images: Sequence[Image.Image]) -> list[Image.Image]:
+    """``images`` as a list, each checked to be a PIL image (a bare image is refused)."""
+    if isinstance(images, Image.Image):
+        raise ConfigError("`images` must be a list of PIL images, got a single image; wrap it in a list.")
+    images = list(images)
+    for i, im in enumerate(images):
+        if not isinstance(im, Image.Image):
+            raise ConfigError(f"`images[{i}]` must be a PIL.Image.Image, got {type(im).__name__}.")
+    return images
+
+
 class LazyEncoder:
     """What the encoders share: arguments checked at construction, weights loaded on first use
     (or :meth:`warm_up`), once, under a lock. Subclasses fill in :meth:`_load`."""
@@ -156,12 +178,7 @@ class DualEncoder(LazyEncoder):
 
         Texts longer than the model's limit are truncated to it and counted in ``texts_truncated``.
         """
-        if isinstance(texts, str):
-            raise ConfigError(f"`texts` must be a list of strings, got a single string {texts[:40]!r}; wrap it in a list.")
-        texts = list(texts)
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise ConfigError(f"`texts[{i}]` must be a string, got {type(t).__name__}.")
+        texts = check_texts(texts)
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         tokenizer = self.processor.tokenizer
@@ -180,10 +197,7 @@ class DualEncoder(LazyEncoder):
     @torch.inference_mode()
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Embed PIL images into an ``(n, dim)`` float32 array of unit vectors."""
-        images = list(images)
-        for i, im in enumerate(images):
-            if not isinstance(im, Image.Image):
-                raise ConfigError(f"`images[{i}]` must be a PIL.Image.Image, got {type(im).__name__}.")
+        images = check_images(images)
         if not images:
             return np.zeros((0, self.dim), dtype=np.float32)
         out = []

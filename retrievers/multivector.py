@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .encoders import LazyEncoder
-from .errors import ConfigError, ModelLoadError
+from .encoders import LazyEncoder, check_images, check_texts
+from .errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -83,12 +83,7 @@ class MultiVectorEncoder(LazyEncoder):
     # ------------------------------------------------------------------ embedding
     def embed_images(self, images: Sequence[Image.Image]) -> list[np.ndarray]:
         """Embed PIL images: one ``(n_positions, dim)`` float32 array of unit vectors per image."""
-        if isinstance(images, Image.Image):
-            raise ConfigError("`images` must be a list of PIL images, got a single image; wrap it in a list.")
-        images = list(images)
-        for i, im in enumerate(images):
-            if not isinstance(im, Image.Image):
-                raise ConfigError(f"`images[{i}]` must be a PIL.Image.Image, got {type(im).__name__}.")
+        images = check_images(images)
         batches = (
             self.processor.process_images([im if im.mode == "RGB" else im.convert("RGB") for im in batch])
             for batch in self._batches(images)
@@ -97,12 +92,7 @@ class MultiVectorEncoder(LazyEncoder):
 
     def embed_queries(self, texts: Sequence[str]) -> list[np.ndarray]:
         """Embed query texts: one ``(n_tokens, dim)`` float32 array of unit vectors per text."""
-        if isinstance(texts, str):
-            raise ConfigError(f"`texts` must be a list of strings, got a single string {texts[:40]!r}; wrap it in a list.")
-        texts = list(texts)
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise ConfigError(f"`texts[{i}]` must be a string, got {type(t).__name__}.")
+        texts = check_texts(texts)
         return self._embed(self.processor.process_queries(batch) for batch in self._batches(texts))
 
     def _batches(self, items: list) -> list[list]:

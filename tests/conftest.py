@@ -44,6 +44,14 @@ def tiny_sd(tiny_models_dir) -> tuple[Path, Path]:
     return ensure_tiny_model("sd", tiny_models_dir), ensure_tiny_model("ip-adapter", tiny_models_dir)
 
 
+@pytest.fixture
+def tiny_config(tmp_path, tiny_models_dir, tiny_clip) -> Path:
+    """A config file for the CLI: the tiny CLIP, from the session's tiny-model folder (no rebuild)."""
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(f"embedder:\n  model: tiny:clip\ntiny_models:\n  cache_dir: {tiny_models_dir}\n")
+    return cfg
+
+
 @pytest.fixture(scope="session")
 def clip_encoder(tiny_clip) -> DualEncoder:
     return DualEncoder(tiny_clip, device="cpu").warm_up()

@@ -13,14 +13,6 @@ from mmrag.pipelines.cli import main
 from tests.corpus import make_bad_corpus, make_good_images
 
 
-@pytest.fixture
-def tiny_config(tmp_path, tiny_models_dir, tiny_clip) -> Path:
-    """tiny.yaml pointed at the session's tiny-model folder (already built: no rebuild)."""
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(f"embedder:\n  model: tiny:clip\ntiny_models:\n  cache_dir: {tiny_models_dir}\n")
-    return cfg
-
-
 def _run(capsys, *argv) -> tuple[int, str, str]:
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()

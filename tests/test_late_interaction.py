@@ -142,12 +142,11 @@ def test_a_kb_without_the_index_says_how_to_build_one(tmp_path, tiny_clip, tiny_
                            fde=FDEConfig(dim=64))
 
 
-def test_cli_ingest_with_an_index_then_search_the_late_interaction_channel(tmp_path, tiny_models_dir, tiny_clip,
-                                                                           tiny_colpali, world, capsys):
+def test_cli_ingest_with_an_index_then_search_the_late_interaction_channel(tmp_path, tiny_config, tiny_colpali,
+                                                                           world, capsys):
     from mmrag.pipelines.cli import main
 
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(f"embedder:\n  model: tiny:clip\ntiny_models:\n  cache_dir: {tiny_models_dir}\n")
+    cfg = tiny_config
     src = tmp_path / "src"
     src.mkdir()
     for r in _records(world, 12):

@@ -238,13 +238,6 @@ def test_match_sets_equals_brute_force_on_clip_vectors(sample, clip_encoder):
 
 
 # ---------------------------------------------------------------------------- command line
-@pytest.fixture
-def tiny_config(tmp_path, tiny_models_dir, tiny_clip) -> Path:
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(f"embedder:\n  model: tiny:clip\ntiny_models:\n  cache_dir: {tiny_models_dir}\n")
-    return cfg
-
-
 def _run(capsys, *argv) -> tuple[int, str, str]:
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
