@@ -73,8 +73,11 @@ class LexicalIndex:
         if meta.get("revision") != revision:
             return False
         ids = meta["ids"]
-        self._bm25 = bm25s.BM25.load(str(self.dir / "bm25"), allow_pickle=False, show_progress=False) if ids else None
-        self._ids, self._revision = ids, revision
+        try:
+            bm25 = bm25s.BM25.load(str(self.dir / "bm25"), allow_pickle=False, show_progress=False) if ids else None
+        except OSError:  # another process swapped the folder while this one read it: build our own
+            return False
+        self._bm25, self._ids, self._revision = bm25, ids, revision
         return True
 
     def _build(self, revision: str) -> None:
