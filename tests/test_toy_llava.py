@@ -11,9 +11,9 @@ import safetensors.torch
 import torch
 from mmrag.generators import VLMAnswerer
 from mmrag.pipelines.toyworld import ToyWorld
+from mmrag.pipelines.toyworld.checkpoints import CHECKPOINTS
 from mmrag.pipelines.toyworld.models import shipped_model_dir
 from mmrag.pipelines.toyworld.train_llava import (
-    CHECKPOINTS,
     LOG_NAME,
     NAME_QUESTION,
     build_toy_llava,

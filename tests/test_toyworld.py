@@ -238,8 +238,8 @@ def test_toy_clip_is_shipped_as_safetensors_only(toy_clip):
     assert "model.safetensors" in names and not any(n.endswith((".bin", ".pt", ".pth", ".pkl")) for n in names)
     assert (toy_clip / "model.safetensors").stat().st_size < 8_000_000
     with pytest.raises(ConfigError, match="`name`"):
-        ensure_toy_model("sd", "unused")
-    assert TOY_MODEL_NAMES == ("clip",)
+        ensure_toy_model("bogus", "unused")
+    assert TOY_MODEL_NAMES == ("clip", "llava", "sd", "ip-adapter")
 
 
 def test_without_shipped_weights_toy_clip_is_trained_once_into_the_cache(tmp_path, monkeypatch):

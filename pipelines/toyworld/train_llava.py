@@ -35,11 +35,9 @@ import math
 import os
 import pathlib
 import random
-import shutil
 import time
 from collections.abc import Callable
 
-import safetensors.torch
 import torch
 from mmrag.generators import Reference, VLMAnswerer
 from mmrag.prompts import load_template
@@ -56,6 +54,7 @@ from transformers import (
 
 from ..dev.sample_data import _SYLLABLES
 from ..dev.tiny_models import _LLAVA_CHAT_TEMPLATE, _clip_image_processor, _special_ids, llama_tokenizer
+from .checkpoints import check_same_run, latest_checkpoint, load_checkpoint, save_checkpoint, truncate_log
 from .models import shipped_model_dir
 from .train_clip import SETTINGS_NAME, recorded_world
 from .world import COLOURS, PATTERNS, SHAPES, SLOTS, Entity, ToyWorld, full_caption
@@ -70,8 +69,6 @@ AUX_WEIGHT = 0.3
 P_NAME = 0.7  # the rest are attribute questions
 NAME_K = (1, 2, 2, 3, 3)  # name questions: picking among distractors is the hard part, so it gets most steps
 LOG_NAME = "train_log.jsonl"
-CHECKPOINTS = "checkpoints"
-_KEEP_CHECKPOINTS = 2
 
 
 @dataclasses.dataclass
@@ -235,10 +232,10 @@ def train_toy_llava(
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
             raise ConfigError(f"`{argument}` must be a positive integer or None, got {value!r}.")
     out_dir = pathlib.Path(out_dir)
-    latest = _latest_checkpoint(out_dir)
+    latest = latest_checkpoint(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not (resume and latest is not None):
         raise ConfigError(f"`out_dir` {str(out_dir)!r} is not empty and holds no checkpoint to resume "
-                          f"(resume={resume!r}); pass a new or empty directory, or resume=True.")
+                          f"to resume (resume={resume!r}); pass a new or empty directory.")
     world = ToyWorld() if world is None else world
     if clip_dir is None:
         clip_dir = shipped_model_dir("clip")
@@ -264,9 +261,9 @@ def train_toy_llava(
                 (out_dir / SETTINGS_NAME).write_text(json.dumps(settings, indent=1), encoding="utf-8")
                 start_step, spent = 0, 0.0
             else:
-                _check_same_run(out_dir / SETTINGS_NAME, settings, say)
-                start_step, spent = _load_checkpoint(latest, trainable, optimiser)
-                _truncate_log(out_dir / LOG_NAME, start_step)
+                check_same_run(out_dir / SETTINGS_NAME, settings, say)
+                start_step, spent = load_checkpoint(latest, trainable, optimiser)
+                truncate_log(out_dir / LOG_NAME, start_step)
                 say(f"resuming from {latest.name} (step {start_step})")
             # The prompts come from the library's own answerer over the saved processor.
             answerer = VLMAnswerer(out_dir, device="cpu", dtype="float32")
@@ -306,92 +303,10 @@ def _train(model, optimiser, trainable, answerer, world, out_dir, *, start_step,
                 log_file.write(json.dumps(line) + "\n")
                 log_file.flush()
             if step % checkpoint_every == 0 or step == stop:
-                _save_checkpoint(model, trainable, optimiser, out_dir, step, seconds)
+                save_checkpoint(out_dir, step, seconds, trainable, optimiser, model.save_pretrained)
                 say(f"step {step}: loss {loss_value:.4f} ({seconds:.0f} s), checkpoint written")
     model.eval()
     return {"steps": step, "seconds": round(time.perf_counter() - begun, 2), "loss": loss_value}
-
-
-# ------------------------------------------------------------------------------------- checkpoints
-def _latest_checkpoint(out_dir: pathlib.Path) -> pathlib.Path | None:
-    found = sorted((out_dir / CHECKPOINTS).glob("step-*[0-9]")) if (out_dir / CHECKPOINTS).is_dir() else []
-    complete = [c for c in found if (c / "state.json").is_file()]
-    return complete[-1] if complete else None
-
-
-def _save_checkpoint(model, trainable, optimiser, out_dir: pathlib.Path, step: int, seconds: float) -> None:
-    """Weights + AdamW moments (safetensors) + step, time and torch RNG (JSON), staged then renamed."""
-    root = out_dir / CHECKPOINTS
-    root.mkdir(exist_ok=True)
-    staging = root / f".staging-{step:06d}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
-    weights = {name: p.detach().contiguous() for name, p in trainable}
-    safetensors.torch.save_file(weights, staging / "trainable.safetensors")
-    moments, steps_done = {}, {}
-    for name, p in trainable:
-        state = optimiser.state.get(p, {})
-        if state:
-            moments[f"{name}.exp_avg"] = state["exp_avg"].contiguous()
-            moments[f"{name}.exp_avg_sq"] = state["exp_avg_sq"].contiguous()
-            steps_done[name] = float(state["step"])
-    safetensors.torch.save_file(moments, staging / "optimizer.safetensors")
-    state = {"step": step, "seconds": seconds, "adam_steps": steps_done,
-             "torch_rng": torch.get_rng_state().tolist()}
-    (staging / "state.json").write_text(json.dumps(state), encoding="utf-8")
-    target = root / f"step-{step:06d}"
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(staging, target)
-    for old in sorted(root.glob("step-*[0-9]"))[:-_KEEP_CHECKPOINTS]:
-        shutil.rmtree(old)
-    # The loadable model beside them: each file written whole, then renamed over the old one.
-    fresh = root / ".export"
-    if fresh.exists():
-        shutil.rmtree(fresh)
-    model.save_pretrained(fresh)
-    for file in fresh.iterdir():
-        os.replace(file, out_dir / file.name)
-    fresh.rmdir()
-
-
-def _check_same_run(path: pathlib.Path, settings: dict, say: Callable[[str], None]) -> None:
-    """Refuse to resume under other settings (it would no longer be the run its checkpoint belongs to);
-    a longer or shorter schedule (``steps``) and another thread count are allowed, and recorded."""
-    saved = json.loads(path.read_text(encoding="utf-8"))
-    changed = {k: (saved.get(k), v) for k, v in settings.items()
-               if k not in ("steps", "threads") and json.loads(json.dumps(v)) != saved.get(k)}
-    if changed:
-        listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
-        raise ConfigError(f"`out_dir` holds a run with other settings ({listed}); pass them as that run did, "
-                          "or a new directory.")
-    if saved.get("steps") != settings["steps"]:
-        say(f"schedule length changed from {saved.get('steps')} to {settings['steps']} steps")
-        path.write_text(json.dumps(saved | {"steps": settings["steps"]}, indent=1), encoding="utf-8")
-
-
-def _truncate_log(log: pathlib.Path, step: int) -> None:
-    """Drop the lines a killed run logged after its last checkpoint: the resumed run logs them again."""
-    if log.is_file():
-        lines = [line for line in log.read_text(encoding="utf-8").splitlines()
-                 if line.strip() and json.loads(line).get("step", 0) <= step]
-        log.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-
-
-def _load_checkpoint(checkpoint: pathlib.Path, trainable, optimiser) -> tuple[int, float]:
-    state = json.loads((checkpoint / "state.json").read_text(encoding="utf-8"))
-    weights = safetensors.torch.load_file(checkpoint / "trainable.safetensors")
-    moments = safetensors.torch.load_file(checkpoint / "optimizer.safetensors")
-    with torch.no_grad():
-        for name, p in trainable:
-            p.copy_(weights[name])
-            if name in state["adam_steps"]:
-                optimiser.state[p] = {"step": torch.tensor(state["adam_steps"][name]),
-                                      "exp_avg": moments[f"{name}.exp_avg"].clone(),
-                                      "exp_avg_sq": moments[f"{name}.exp_avg_sq"].clone()}
-    torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
-    return state["step"], state["seconds"]
 
 
 # -------------------------------------------------------------------------------------- evaluation
