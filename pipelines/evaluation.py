@@ -213,9 +213,10 @@ def normalize_answer(text: str) -> str:
 
 
 def vqa_soft_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """VQA accuracy: ``min(1, #annotators who gave the prediction / 3)``."""
+    """VQA accuracy: ``min(1, #annotators who gave the prediction / min(3, #annotators))``: VQA's
+    three-agreeing-annotators rule over ten answers, and exact match when there are fewer than three."""
     p = normalize_answer(prediction)
-    return min(1.0, sum(normalize_answer(a) == p for a in answers) / 3.0)
+    return min(1.0, sum(normalize_answer(a) == p for a in answers) / min(3.0, len(answers)))
 
 
 @dataclass
@@ -356,6 +357,9 @@ def vqa_table(summary: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------------------- generation
 GUIDANCE_NAMES = ("cfg", "joint", "interleaved")
+# Not a guidance object: plain CFG with no references at all, the text-only baseline (issue #14's
+# "cfg (no references)"). The "cfg" setting above keeps the references in its conditional row.
+TEXT_ONLY = "text_only"
 
 
 @dataclass
@@ -365,11 +369,13 @@ class GenerationItem:
     images: list[Path]  # held-out images of the entity (not in the KB)
     bucket: str
     line: int
+    attributes: dict[str, str] | None = None  # the entity's known attributes, for an attribute judge
 
 
 def load_generation_prompts(path: str | Path) -> list[GenerationItem]:
     """JSONL lines: ``prompt``, ``entity``, ``images`` (held-out image paths, relative to the file),
-    optional ``bucket`` (e.g. "frequent" / "rare", EntityDrawBench style)."""
+    optional ``bucket`` (e.g. "frequent" / "rare", EntityDrawBench style) and ``attributes`` (the
+    entity's ``{slot: value}``, e.g. ``{"shape": "star", "colour": "red"}``, what a judge checks)."""
     path = Path(path)
     items = []
     for n, obj, where in _jsonl(path, "--prompts"):
@@ -382,46 +388,118 @@ def load_generation_prompts(path: str | Path) -> list[GenerationItem]:
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
             raise ConfigError(f"{where}: images {missing} do not exist.")
-        items.append(GenerationItem(obj["prompt"], str(obj.get("entity", "")), paths, str(obj.get("bucket", "all")), n))
+        attributes = obj.get("attributes")
+        if attributes is not None and (not isinstance(attributes, dict) or not attributes or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in attributes.items())):
+            raise ConfigError(f"{where}: `attributes` must map slot names to values, e.g. "
+                              f'{{"shape": "star", "colour": "red"}}, got {attributes!r}.')
+        items.append(GenerationItem(obj["prompt"], str(obj.get("entity", "")), paths, str(obj.get("bucket", "all")), n,
+                                    attributes))
     return items
 
 
-def evaluate_generation(pipeline, items: Sequence[GenerationItem], encoder, *, guidances: Sequence = GUIDANCE_NAMES,
-                        k: int | None = None, num_inference_steps: int | None = None, seed: int = 0, progress=None,
-                        **generate_kwargs) -> dict[str, Any]:
-    """CLIP-T (cosine between the image and its prompt) and CLIP-I (mean cosine between the image
-    and the entity's held-out images) for each guidance, per bucket, same seed and references.
+def check_judge_items(items: Sequence[GenerationItem], judge) -> None:
+    """Before anything is drawn: every item names ``attributes`` that ``judge`` can read."""
+    for item in items:
+        if item.attributes is None:
+            raise ConfigError(f"line {item.line}: no `attributes`; an attribute judge needs each entity's attributes "
+                              "(e.g. the prompts of `python -m mmrag.pipelines.toyworld.bench_generation DIR`), "
+                              "or leave out the judge.")
+        judge.check_attributes(item.attributes, f"line {item.line}: `attributes`")
 
-    ``encoder`` is a :class:`~mmrag.retrievers.DualEncoder` (the KB's, or a stronger CLIP). ``k``
+
+def guidance_grid(configured: dict[str, Any], names: Sequence[str] | None = None,
+                  etas: Sequence[float] | None = None) -> list[str | dict[str, Any]]:
+    """The settings to compare: ``names`` (guidance names or :data:`TEXT_ONLY`; ``None`` is
+    :data:`GUIDANCE_NAMES`), with "interleaved"
+    replaced by interleaved at each of ``etas`` at the ``configured`` guidance's scales (``draw.guidance``
+    of a config), so that only the share of text-enhanced steps differs. Every guidance is checked here,
+    before anything is drawn."""
+    from mmrag.generators import guidance_from_config
+
+    names = GUIDANCE_NAMES if names is None else names
+    valid = (TEXT_ONLY, *GUIDANCE_NAMES)
+    bad = [n for n in names if n not in valid]
+    if bad or not names or len(set(names)) != len(names):
+        raise ConfigError(f"`guidances` must be distinct names among {', '.join(valid)}, got {list(names)!r}.")
+    if etas is not None and "interleaved" not in names:
+        raise ConfigError("`eta` sets interleaved guidance's share of text-enhanced steps: add interleaved to the "
+                          f"guidances, got {list(names)!r}.")
+    if etas is not None and (not etas or len(set(etas)) != len(etas)):
+        raise ConfigError(f"`eta` must list distinct values in [0, 1], got {list(etas)!r}.")
+    text_scale = configured.get("text_scale", configured.get("scale"))
+    scales = {k: v for k, v in (("text_scale", text_scale), ("reference_scale", configured.get("reference_scale")))
+              if v is not None}
+    grid: list[str | dict[str, Any]] = []
+    for name in names:
+        if name == "interleaved" and etas is not None:
+            for eta in etas:
+                spec = {"name": "interleaved", **scales, "eta": eta}
+                guidance_from_config(spec)  # a bad eta fails now, not after the first drawings
+                grid.append(spec)
+        else:
+            grid.append(name)
+    return grid
+
+
+def guidance_name(guidance: Any) -> str:
+    """The setting's label: the name, or ``interleaved(eta=E)`` for an interleaved mapping with an eta."""
+    if isinstance(guidance, str):
+        return guidance
+    name = guidance.get("name", str(guidance))
+    return f"{name}(eta={guidance['eta']:g})" if name == "interleaved" and "eta" in guidance else name
+
+
+def draw_arguments(guidance: Any, references):
+    """``(guidance, references)`` to draw a setting with: :data:`TEXT_ONLY` is plain CFG with no references."""
+    return ("cfg", []) if guidance == TEXT_ONLY else (guidance, references)
+
+
+def evaluate_generation(pipeline, items: Sequence[GenerationItem], encoder, *, guidances: Sequence = GUIDANCE_NAMES,
+                        k: int | None = None, num_inference_steps: int | None = None, seed: int = 0, judge=None,
+                        progress=None, **generate_kwargs) -> dict[str, Any]:
+    """CLIP-T (cosine between the image and its prompt) and CLIP-I (mean cosine between the image
+    and the entity's held-out images) for each guidance, per bucket, same seed and references; with
+    ``judge`` (an :class:`~mmrag.pipelines.toyworld.judge.AttributeJudge`), also the share of
+    drawings whose shape / colour / background / pattern it reads as the item's ``attributes``.
+
+    ``encoder`` is a :class:`~mmrag.retrievers.DualEncoder` (the KB's, or a stronger CLIP).
+    ``guidances`` are guidance names or mappings (:func:`guidance_grid`) and :data:`TEXT_ONLY`. ``k``
     and ``num_inference_steps`` left at ``None`` are the pipeline's configured values. ``mmrag eval
     generation --ray`` draws on a Ray actor pool instead
     (:func:`mmrag.pipelines.scale.batch_eval.evaluate_generation_batch`); the scores are the same.
     """
+    names = [guidance_name(g) for g in guidances]
+    if not names or len(set(names)) != len(names):
+        raise ConfigError(f"`guidances` must name distinct settings, got {names!r}.")
+    if judge is not None:
+        check_judge_items(items, judge)
     drawings: list[tuple[GenerationItem, str, list]] = []
     for i, item in enumerate(items):
         refs = None  # retrieved once, reused for every guidance so that only the guidance differs
         for g in guidances:
-            out = pipeline(item.prompt, k=k, references=refs, guidance=g, num_inference_steps=num_inference_steps,
-                           seed=seed, **generate_kwargs)
-            if refs is None:
+            guidance, references = draw_arguments(g, refs)
+            out = pipeline(item.prompt, k=k, references=references, guidance=guidance,
+                           num_inference_steps=num_inference_steps, seed=seed, **generate_kwargs)
+            if refs is None and references is None:
                 refs = [h.record.open_image() for h in out.references]
             drawings.append((item, guidance_name(g), out.images))
         if progress is not None:
             progress(i + 1)
-    return generation_summary(items, drawings, encoder)
-
-
-def guidance_name(guidance: Any) -> str:
-    return guidance if isinstance(guidance, str) else guidance.get("name", str(guidance))
+    return generation_summary(items, drawings, encoder, judge=judge)
 
 
 def generation_summary(items: Sequence[GenerationItem], drawings: Sequence[tuple[GenerationItem, str, list]],
-                       encoder) -> dict[str, Any]:
-    """Score ``(item, guidance name, images)`` drawings: CLIP-T and CLIP-I per guidance and bucket."""
+                       encoder, judge=None) -> dict[str, Any]:
+    """Score ``(item, guidance name, images)`` drawings: CLIP-T and CLIP-I per guidance and bucket;
+    with ``judge``, ``attribute_accuracy`` too: per slot of the items' ``attributes``, the mean over
+    drawings of the share of a drawing's images the judge reads as that value."""
     import numpy as np
     from PIL import Image
 
-    scores: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    if judge is not None:
+        check_judge_items(items, judge)
+    rows: dict[str, dict[str, list[dict[str, float]]]] = {}  # guidance -> bucket -> one row per drawing
     embedded: dict[int, tuple[Any, Any]] = {}  # per item: (held-out image vectors, prompt vector)
     for item, name, images in drawings:
         if id(item) not in embedded:
@@ -429,17 +507,27 @@ def generation_summary(items: Sequence[GenerationItem], drawings: Sequence[tuple
                                   encoder.embed_texts([item.prompt])[0])
         held_out, text = embedded[id(item)]
         vec = encoder.embed_images(list(images))
-        clip_t = float(np.mean(vec @ text))
-        clip_i = float(np.mean(vec @ held_out.T))
-        scores.setdefault(name, {}).setdefault(item.bucket, []).append((clip_t, clip_i))
+        row = {"clip_t": float(np.mean(vec @ text)), "clip_i": float(np.mean(vec @ held_out.T))}
+        if judge is not None:
+            agree = judge.scores(list(images), [item.attributes] * len(images))
+            row.update({f"attr:{slot}": float(np.mean([a[slot] for a in agree])) for slot in item.attributes})
+        rows.setdefault(name, {}).setdefault(item.bucket, []).append(row)
+
+    def means(group: list[dict[str, float]]) -> dict[str, Any]:
+        out: dict[str, Any] = {m: float(np.mean([r[m] for r in group])) for m in ("clip_t", "clip_i")}
+        slots = [k for k in dict.fromkeys(k for r in group for k in r) if k.startswith("attr:")]
+        if slots:
+            out["attribute_accuracy"] = {k[5:]: float(np.mean([r[k] for r in group if k in r])) for k in slots}
+        return out
+
     summary: dict[str, Any] = {"n_prompts": len(items), "per_guidance": {}}
-    for name, buckets in scores.items():
-        every = [s for rows in buckets.values() for s in rows]
+    for name, buckets in rows.items():
         summary["per_guidance"][name] = {
-            "clip_t": float(np.mean([t for t, _ in every])), "clip_i": float(np.mean([c for _, c in every])),
-            "per_bucket": {b: {"clip_t": float(np.mean([t for t, _ in rows])), "clip_i": float(np.mean([c for _, c in rows])),
-                               "n": len(rows)} for b, rows in sorted(buckets.items())},
+            **means([r for group in buckets.values() for r in group]),
+            "per_bucket": {b: {**means(group), "n": len(group)} for b, group in sorted(buckets.items())},
         }
+    if judge is not None:
+        summary["judge"] = {"path": getattr(judge, "source", None), "measured": getattr(judge, "measured", None)}
     return summary
 
 
@@ -452,6 +540,20 @@ def generation_table(summary: dict[str, Any]) -> str:
         cells += [f"{g['per_bucket'][b]['clip_t']:.4f} / {g['per_bucket'][b]['clip_i']:.4f}" if b in g["per_bucket"]
                   else "-" for b in buckets]
         lines.append("| " + " | ".join(cells) + " |")
+    slots = list(dict.fromkeys(s for g in summary["per_guidance"].values() for s in g.get("attribute_accuracy", {})))
+    if slots:
+        judge = summary.get("judge") or {}
+        clean = (judge.get("measured") or {}).get("clean")
+        own = ("; its own held-out accuracy " + ", ".join(f"{s} {clean[s]:.3f}" for s in slots if s in clean)
+               if clean else "")
+        lines += ["", f"attribute accuracy (judge {judge.get('path')}{own})",
+                  "| guidance | bucket | n | " + " | ".join(slots) + " |", "|---" * (len(slots) + 3) + "|"]
+        for name, g in summary["per_guidance"].items():
+            n = sum(v["n"] for v in g["per_bucket"].values())
+            for bucket, values in [("all", {**g, "n": n}), *g["per_bucket"].items()]:
+                acc = values.get("attribute_accuracy", {})
+                lines.append(f"| {name} | {bucket} | {values['n']} | "
+                             + " | ".join(f"{acc[s]:.3f}" if s in acc else "-" for s in slots) + " |")
     return "\n".join(lines)
 
 

@@ -36,3 +36,14 @@ def test_query_file_errors_name_the_line(tmp_path):
         load_queries(f)
     with pytest.raises(ConfigError, match="does not exist"):
         load_queries(tmp_path / "nope.jsonl")
+
+
+def test_vqa_soft_accuracy_is_vqa_rule_over_many_answers_and_exact_match_over_one():
+    from mmrag.pipelines.evaluation import vqa_soft_accuracy
+
+    ten = ["red"] * 2 + ["blue"] * 8
+    assert vqa_soft_accuracy("Red.", ten) == pytest.approx(2 / 3)  # VQA: min(1, 2 / 3)
+    assert vqa_soft_accuracy("blue", ten) == 1.0
+    assert vqa_soft_accuracy("the Zorbla", ["Zorbla"]) == 1.0  # one gold answer: exact match (was capped at 1/3)
+    assert vqa_soft_accuracy("Zorbla", ["Zorbla", "Fexqui"]) == 0.5
+    assert vqa_soft_accuracy("Tamqui", ["Zorbla"]) == 0.0

@@ -56,33 +56,42 @@ def _read_rows(path: Path) -> Iterator[dict[str, Any]]:
 
 def evaluate_generation_batch(config: Any, items: Sequence[Any], out_dir: str | os.PathLike, encoder: Any = None, *,
                               guidances: Sequence[Any] | None = None, k: int | None = None, steps: int | None = None,
-                              seed: int = 0, ray_address: str | None = None, use_ray: bool = True,
+                              seed: int = 0, judge: Any = None, ray_address: str | None = None, use_ray: bool = True,
                               batch_size: int = 8, concurrency: int = 1, num_gpus: float | None = None,
                               num_cpus: float | None = None, progress: bool = False) -> dict[str, Any]:
     """``evaluate_generation`` as two batch jobs (``mmrag eval generation --ray``): the first
-    guidance draws every prompt with retrieval (``out_dir/first``), the others draw with the
-    references it found (``out_dir/rest``), so that only the guidance differs; the drawings are
-    then scored here with ``encoder`` (default: the KB's embedder). Both jobs resume."""
+    guidance that uses references draws every prompt with retrieval (``out_dir/first``), the others
+    draw with the references it found (``out_dir/rest``; ``text_only`` with none), so that only the
+    guidance differs; the drawings are then scored here with ``encoder`` (default: the KB's
+    embedder) and, given one, the attribute ``judge``. Both jobs resume."""
     from ..builders import open_knowledge_base
     from ..config import load_config
-    from ..evaluation import GUIDANCE_NAMES, generation_summary, guidance_name
+    from ..evaluation import GUIDANCE_NAMES, TEXT_ONLY, check_judge_items, draw_arguments, generation_summary, guidance_name
 
     cfg = load_config(config)
+    if judge is not None:
+        check_judge_items(items, judge)  # before any drawing, as in process
     kb = open_knowledge_base(cfg, create=False)
     guidances = list(GUIDANCE_NAMES if guidances is None else guidances)
     names = [guidance_name(g) for g in guidances]
     if not names or len(set(names)) != len(names):
         raise ConfigError(f"`guidances` must name distinct guidances, got {names!r}.")
+    # the first job retrieves: the first setting that draws with references (text_only draws without)
+    lead = next((j for j, g in enumerate(guidances) if g != TEXT_ONLY), 0)
     out = Path(out_dir)
     options = dict(ray_address=ray_address, use_ray=use_ray, batch_size=batch_size, concurrency=concurrency,
                    num_gpus=num_gpus, num_cpus=num_cpus, progress=progress)
     ident = lambda item, g: f"line-{item.line}:{guidance_name(g)}"  # noqa: E731
-    first = [DrawItem(id=ident(item, guidances[0]), prompt=item.prompt, k=k, guidance=guidances[0], steps=steps,
-                      seed=seed, line=item.line) for item in items]
+
+    def draw_item(item, g, references):
+        guidance, references = draw_arguments(g, references)
+        return DrawItem(id=ident(item, g), prompt=item.prompt, k=k, guidance=guidance, steps=steps, seed=seed,
+                        references=references, line=item.line)
+
+    first = [draw_item(item, guidances[lead], None) for item in items]
     first_rows = _drawn(run_job("draw", first, cfg, out / "first", DRAW_OUTPUT, DrawWorker, **options))
-    rest = [DrawItem(id=ident(item, g), prompt=item.prompt, k=k, guidance=g, steps=steps, seed=seed,
-                     references=first_rows[ident(item, guidances[0])]["references"], line=item.line)
-            for item in items for g in guidances[1:]]
+    rest = [draw_item(item, g, first_rows[ident(item, guidances[lead])]["references"])
+            for item in items for j, g in enumerate(guidances) if j != lead]
     rows = {**first_rows, **(_drawn(run_job("draw", rest, cfg, out / "rest", DRAW_OUTPUT, DrawWorker, **options))
                              if rest else {})}
     from PIL import Image
@@ -91,9 +100,9 @@ def evaluate_generation_batch(config: Any, items: Sequence[Any], out_dir: str | 
     for item in items:
         for j, g in enumerate(guidances):
             row = rows[ident(item, g)]
-            folder = out / ("first" if j == 0 else "rest")
+            folder = out / ("first" if j == lead else "rest")
             drawings.append((item, guidance_name(g), [Image.open(folder / name).convert("RGB") for name in row["images"]]))
-    return generation_summary(items, drawings, encoder if encoder is not None else kb.embedder)
+    return generation_summary(items, drawings, encoder if encoder is not None else kb.embedder, judge=judge)
 
 
 def _drawn(report: BatchReport) -> dict[str, dict[str, Any]]:
