@@ -186,12 +186,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decide-threshold", type=float, metavar="T",
                    help="also report accuracy at this threshold (e.g. one calibrated on another file)")
     _add_output(p)
-    p = ev.add_parser("generation", parents=[models], help="CLIP-T and CLIP-I for cfg / joint / interleaved, per bucket")
+    p = ev.add_parser("generation", parents=[models], help="CLIP-T, CLIP-I (and attribute accuracy) for cfg / joint / "
+                                                            "interleaved, per bucket")
     _add_kb(p)
-    p.add_argument("--prompts", required=True, metavar="FILE.jsonl", help="prompt, entity, held-out images, bucket")
+    p.add_argument("--prompts", required=True, metavar="FILE.jsonl",
+                   help="prompt, entity, held-out images, bucket, attributes (for --judge)")
     p.add_argument("-k", type=int, help="references per prompt (default: draw.k)")
     p.add_argument("--steps", type=int, help="denoising steps (default: draw.num_inference_steps)")
     p.add_argument("--seed", type=int, default=0, help="random seed shared by every guidance (default 0)")
+    p.add_argument("--judge", nargs="?", const=True, metavar="DIR",
+                   help="also score shape / colour / background / pattern accuracy with an attribute judge; alone: "
+                        "the shipped toy-world judge (the prompts need `attributes`)")
+    p.add_argument("--guidances", nargs="+", metavar="NAME", choices=["text_only", "cfg", "joint", "interleaved"],
+                   help="settings to compare: text_only (no references), cfg, joint, interleaved "
+                        "(default: cfg joint interleaved)")
+    p.add_argument("--eta", nargs="+", type=float, metavar="ETA",
+                   help="draw interleaved at each of these shares of text-enhanced steps, at the configured scales "
+                        "(default: draw.guidance's eta)")
     add_ray_arguments(p, "drawing actors (each holds the models)", "1; as many as this process's torch threads "
                       "repeat its drawings exactly")
     p.add_argument("--runs", metavar="DIR", help="with --ray: the batch jobs' folder, resumed when run again "
@@ -239,6 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="+", metavar="NAME", help="build only these (clip, siglip, llava, idefics3, "
                                                                "blip-itm, colpali, sd, ip-adapter)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the weights (default 0)")
+
+    toy = sub.add_parser("toy-models", help="train the toy world's models (toy:clip, toy:llava, toy:sd)").add_subparsers(
+        dest="toy_models_command", required=True, metavar="SUBCOMMAND", help="train")
+    p = toy.add_parser("train", parents=[models], help="train them with the shipped recipes (resumes a killed run)")
+    p.add_argument("--only", nargs="+", metavar="NAME", choices=("clip", "llava", "sd", "ip-adapter"),
+                   help="train only these (clip, llava, sd, ip-adapter; sd and ip-adapter train together)")
+    p.add_argument("--out", metavar="DIR", help="where to write them (default: the config's tiny_models.cache_dir, "
+                                                 "where toy:NAME is looked up when the package lacks it)")
 
     toy = sub.add_parser("toy-bench", help="the toy world's benchmark files (known ground truth)").add_subparsers(
         dest="toy_command", required=True, metavar="SUBCOMMAND", help="make")
@@ -664,24 +683,33 @@ def _cmd_eval(args) -> int:
         return 0
     if args.eval_command == "generation":
         from .draw import EntityImagePipeline
-        from .evaluation import evaluate_generation, generation_table, load_generation_prompts
+        from .evaluation import (check_judge_items, evaluate_generation, generation_table, guidance_grid,
+                                 load_generation_prompts)
 
         _quiet_diffusers()
         address = ray_address(args)
         items = load_generation_prompts(args.prompts)
+        judge = None
+        if args.judge is not None:  # loaded and checked against the prompts before any model
+            from .toyworld.judge import load_judge
+
+            judge = load_judge(None if args.judge is True else args.judge)
+            check_judge_items(items, judge)
         cfg = _config(args, **{"kb.path": args.kb, "kb.url": args.url, "draw.k": args.k,
                                "draw.num_inference_steps": args.steps})
+        guidances = guidance_grid(cfg.draw.guidance, args.guidances, args.eta)
         if args.ray is not None:
             from .scale.batch_eval import evaluate_generation_batch
 
             summary = evaluate_generation_batch(
-                cfg, items, args.runs or str(Path(args.prompts).with_suffix(".runs")), seed=args.seed,
-                ray_address=address, batch_size=args.batch_size, concurrency=args.concurrency,
-                num_gpus=args.num_gpus, num_cpus=args.num_cpus, progress=not args.no_progress and sys.stderr.isatty())
+                cfg, items, args.runs or str(Path(args.prompts).with_suffix(".runs")), guidances=guidances,
+                seed=args.seed, judge=judge, ray_address=address, batch_size=args.batch_size,
+                concurrency=args.concurrency, num_gpus=args.num_gpus, num_cpus=args.num_cpus,
+                progress=not args.no_progress and sys.stderr.isatty())
         else:
             pipe = EntityImagePipeline.from_config(cfg)
-            summary = evaluate_generation(pipe, items, pipe.retriever.kb.embedder, seed=args.seed,
-                                          progress=_bar(args, len(items), "eval generation"))
+            summary = evaluate_generation(pipe, items, pipe.retriever.kb.embedder, guidances=guidances, seed=args.seed,
+                                          judge=judge, progress=_bar(args, len(items), "eval generation"))
         print(json.dumps(summary) if args.json else generation_table(summary))
         return 0
     if args.eval_command == "vqa":
@@ -727,6 +755,16 @@ def _cmd_tiny_models(args) -> int:
     return 0
 
 
+def _cmd_toy_models(args) -> int:
+    from .toyworld.models import train_toy_models
+
+    out = Path(args.out) if args.out else Path(_config(args).tiny_models.cache_dir).expanduser()
+    paths = train_toy_models(out, args.only, log=lambda line: print(line, file=sys.stderr, flush=True))
+    for name, path in paths.items():
+        print(f"toy:{name}\t{path}")
+    return 0
+
+
 def _cmd_toy_bench(args) -> int:
     from .toyworld.bench import make_toy_bench
 
@@ -739,7 +777,7 @@ def _cmd_demo(args) -> int:
     from .dev.demo import run_demo
 
     _quiet_diffusers()
-    args.config = args.config or "tiny"  # the demo runs offline unless told otherwise
+    args.config = args.config or "toy"  # offline, on the trained toy models, unless told otherwise
     run_demo(_config(args), Path(args.out))
     return 0
 
@@ -783,7 +821,7 @@ def _cmd_mcp(args) -> int:
     return cmd_mcp(args)
 
 
-_COMMANDS = {"ingest": _cmd_ingest, "kb": _cmd_kb, "search": _cmd_search, "ask": _cmd_ask, "draw": _cmd_draw, "eval": _cmd_eval, "tiny-models": _cmd_tiny_models, "demo": _cmd_demo, "env": _cmd_env, "mcp": _cmd_mcp, "serve": _cmd_serve, "keys": _cmd_keys, "batch": _cmd_batch, "match": _cmd_match, "toy-bench": _cmd_toy_bench}
+_COMMANDS = {"ingest": _cmd_ingest, "kb": _cmd_kb, "search": _cmd_search, "ask": _cmd_ask, "draw": _cmd_draw, "eval": _cmd_eval, "tiny-models": _cmd_tiny_models, "demo": _cmd_demo, "env": _cmd_env, "mcp": _cmd_mcp, "serve": _cmd_serve, "keys": _cmd_keys, "batch": _cmd_batch, "match": _cmd_match, "toy-models": _cmd_toy_models, "toy-bench": _cmd_toy_bench}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -17,7 +17,13 @@ every query is known.
     the views of the entity that differs in just that colour (``reference_text`` is the reference's
     caption without its name, for PDV);
 
-- ``DIR/README.txt``: the commands that ingest the gallery and run the evaluation.
+- ``DIR/vqa.jsonl`` (+ ``DIR/query-images/``): the VQA dataset for ``mmrag eval vqa`` (see
+  :mod:`.bench_vqa`): per gallery entity a name question, which only a matching reference can answer,
+  and an attribute question, which the image alone answers;
+- ``DIR/generation/``: the generation benchmark for ``mmrag eval generation`` (see
+  :mod:`.bench_generation`: its own KB, name-only prompts in frequency buckets, the entities'
+  attributes for the judge), always in the world the toy models were trained in;
+- ``DIR/README.txt``: the commands that ingest the gallery and run the evaluations.
 
 The gallery and the queries are held-out entities only (validation and held-out splits): names and
 attribute combinations no toy model saw in training. Everything is seeded; nothing is downloaded.
@@ -33,6 +39,7 @@ from pathlib import Path
 
 from mmrag.retrievers.errors import ConfigError
 
+from .bench_vqa import write_toy_vqa
 from .world import SLOTS, ToyWorld, describe, full_caption
 
 CATEGORIES = ("attribute", "full", "name", "composed")
@@ -45,7 +52,7 @@ def record_id(name: str, view: int) -> str:
 
 def make_toy_bench(folder: str | os.PathLike, *, seed: int = 0, views: int = 2, attribute_queries: int = 200,
                    world: ToyWorld | None = None) -> dict[str, Path]:
-    """Write the toy retrieval benchmark into ``folder`` (see the module doc); returns its paths.
+    """Write the toy retrieval and VQA benchmarks into ``folder`` (see the module doc); returns their paths.
 
     ``seed`` seeds the world (when ``world`` is not given) and the choice of queries; ``views``
     renders each gallery entity that many times; ``attribute_queries`` bounds the attribute queries.
@@ -103,9 +110,21 @@ def make_toy_bench(folder: str | os.PathLike, *, seed: int = 0, views: int = 2, 
     with open(folder / "queries.jsonl", "w", encoding="utf-8") as f:
         for q in queries:
             f.write(json.dumps(q) + "\n")
+    vqa = write_toy_vqa(folder, gallery, world=world, seed=seed, views=views)
     (folder / "README.txt").write_text(
-        "Toy retrieval benchmark (mmrag toy-bench make). Run:\n\n"
+        "Toy benchmarks (mmrag toy-bench make). Run:\n\n"
         f"  mmrag ingest {kb_dir / 'records.jsonl'} --kb {folder / 'toy-kb'} --config toy\n"
-        f"  mmrag eval retrieval --kb {folder / 'toy-kb'} --config toy --queries {folder / 'queries.jsonl'}\n\n"
-        "Add --composed pdv, --hubness qbnorm or --rerank dual_encoder to compare methods.\n", encoding="utf-8")
-    return {"manifest": kb_dir / "records.jsonl", "queries": folder / "queries.jsonl", "readme": folder / "README.txt"}
+        f"  mmrag eval retrieval --kb {folder / 'toy-kb'} --config toy --queries {folder / 'queries.jsonl'}\n"
+        f"  mmrag eval vqa --kb {folder / 'toy-kb'} --config toy --dataset {vqa}\n\n"
+        "Add --composed pdv, --hubness qbnorm or --rerank dual_encoder to compare retrieval methods;\n"
+        "-k N to give the VLM N retrieved references (vqa.k), and vqa.two_stage: true in a config for\n"
+        "RoRA-VLM's two-stage retrieval.\n\n"
+        "The generation benchmark has its own knowledge base (frequency buckets); see generation/README.txt.\n",
+        encoding="utf-8")
+    from .bench_generation import make_generation_bench  # it imports this module's record_id
+
+    # Always in the world the toy models were trained in: its held-out entities are the unseen ones.
+    generation = make_generation_bench(folder / "generation", seed=seed)
+    return {"manifest": kb_dir / "records.jsonl", "queries": folder / "queries.jsonl", "vqa": vqa,
+            "generation_manifest": generation["manifest"], "generation_prompts": generation["prompts"],
+            "readme": folder / "README.txt"}

@@ -57,11 +57,8 @@ from ..dev.tiny_models import _LLAVA_CHAT_TEMPLATE, _clip_image_processor, _spec
 from .checkpoints import check_same_run, latest_checkpoint, load_checkpoint, save_checkpoint, truncate_log
 from .models import shipped_model_dir
 from .train_clip import SETTINGS_NAME, recorded_world
-from .world import COLOURS, PATTERNS, SHAPES, SLOTS, Entity, ToyWorld, full_caption
+from .world import ATTRIBUTE_QUESTIONS, COLOURS, NAME_QUESTION, PATTERNS, SHAPES, SLOTS, Entity, ToyWorld, full_caption  # noqa: F401
 
-NAME_QUESTION = "What is the name of this entity?"
-ATTRIBUTE_QUESTIONS = {"shape": "What shape is it?", "colour": "What colour is the shape?",
-                       "background": "What colour is the background?", "pattern": "What pattern does it have?"}
 # hidden 128, 4 layers, tied embeddings: the feasibility run's shape (about 1M trainable parameters with the projector).
 TOY_LLAVA_TEXT = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4, "num_attention_heads": 4,
                       "num_key_value_heads": 4, "max_position_embeddings": 512, "tie_word_embeddings": True}

@@ -41,6 +41,11 @@ SHAPES: tuple[str, ...] = tuple(_SHAPES)
 COLOURS: tuple[str, ...] = tuple(_COLOURS)
 PATTERNS: tuple[str, ...] = tuple(_PATTERNS)
 DEFAULT_IMAGE_SIZE = 32  # the toy models' input size: drawn at it, so no resize blurs 1-px patterns
+# The toy VQA questions (toy:llava is trained on exactly these wordings): the name only a matching
+# reference can supply, and attribute questions the image alone answers.
+NAME_QUESTION = "What is the name of this entity?"
+ATTRIBUTE_QUESTIONS = {"shape": "What shape is it?", "colour": "What colour is the shape?",
+                       "background": "What colour is the background?", "pattern": "What pattern does it have?"}
 _PATTERN_NOUNS = {"plain": "no pattern", "striped": "stripes", "dotted": "dots", "checked": "checks"}
 
 
