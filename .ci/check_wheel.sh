@@ -20,8 +20,13 @@ top = sorted(n for n in names if not n.endswith((".dist-info", ".data")))
 print(top)
 assert top == ["mmrag"], f"the wheel must install exactly one top-level name, mmrag; it installs {top}"
 files = zipfile.ZipFile(sys.argv[1]).namelist()
-for needed in ("mmrag/py.typed", "mmrag/configs/tiny.yaml", "mmrag/configs/default.yaml",
-               "mmrag/prompts/templates/vqa_question.txt", "mmrag/pipelines/toyworld/weights/clip/model.safetensors",
+weights = "mmrag/pipelines/toyworld/weights/"
+for needed in ("mmrag/py.typed", "mmrag/configs/tiny.yaml", "mmrag/configs/default.yaml", "mmrag/configs/toy.yaml",
+               "mmrag/prompts/templates/vqa_question.txt", weights + "clip/model.safetensors",
+               weights + "llava/model.safetensors", weights + "sd/unet/diffusion_pytorch_model.safetensors",
+               weights + "sd/vae/diffusion_pytorch_model.safetensors", weights + "sd/model_index.json",
+               weights + "ip-adapter/models/ip-adapter_sd15.safetensors",
+               weights + "ip-adapter/models/image_encoder/model.safetensors", weights + "judge/model.safetensors",
                "mmrag/pipelines/serve/static/index.html"):
     assert needed in files, f"{needed} is missing from the wheel"
 PY
@@ -45,14 +50,15 @@ assert not mmrag.__file__.startswith(root), f"mmrag was imported from the checko
 for name in ("pipelines", "retrievers", "generators", "prompts", "configs"):
     assert importlib.util.find_spec(name) is None, f"the wheel installed a top-level {name!r}"
 from mmrag.pipelines.config import preset_names
-assert {"default", "tiny"} <= set(preset_names()), preset_names()
+assert {"default", "tiny", "toy"} <= set(preset_names()), preset_names()
 print("mmrag", mmrag.__version__, "from", mmrag.__file__, "presets", preset_names())
 PY
 "$WORK/venv/bin/mmrag" --version
 
-echo "== mmrag demo, outside the checkout"
+echo "== mmrag demo (the toy preset, from the wheel's own weights), outside the checkout"
 HF_HUB_OFFLINE=1 "$WORK/venv/bin/mmrag" demo --out "$WORK/demo-out"
 test -s "$WORK/demo-out/index.html"
+grep -q "Toy preset" "$WORK/demo-out/index.html"  # the toy models, not a silent fallback to random ones
 
 echo "== README's Python quick-starts, outside the checkout"
 mkdir -p "$WORK/quickstart" && cd "$WORK/quickstart"
