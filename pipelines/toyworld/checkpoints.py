@@ -27,6 +27,26 @@ KEEP_CHECKPOINTS = 2
 Trainable = Sequence[tuple[str, torch.nn.Parameter]]
 
 
+def check_run_arguments(required: dict[str, object], optional: dict[str, object]) -> None:
+    """``required`` must be positive integers, ``optional`` positive integers or None (named in the error)."""
+    for argument, value in required.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"`{argument}` must be a positive integer, got {value!r}.")
+    for argument, value in optional.items():
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise ConfigError(f"`{argument}` must be a positive integer or None, got {value!r}.")
+
+
+def run_directory(out_dir: str | os.PathLike, resume: bool) -> tuple[pathlib.Path, pathlib.Path | None]:
+    """``(out_dir, its latest checkpoint or None)``; a non-empty ``out_dir`` must hold one to resume."""
+    out_dir = pathlib.Path(out_dir)
+    latest = latest_checkpoint(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not (resume and latest is not None):
+        raise ConfigError(f"`out_dir` {str(out_dir)!r} is not empty and holds no checkpoint to resume "
+                          f"(resume={resume!r}); pass a new or empty directory.")
+    return out_dir, latest
+
+
 def latest_checkpoint(out_dir: pathlib.Path) -> pathlib.Path | None:
     """The newest complete checkpoint under ``out_dir`` (one with its ``state.json``), or ``None``."""
     root = out_dir / CHECKPOINTS

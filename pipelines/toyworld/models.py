@@ -56,6 +56,16 @@ def shipped_model_dir(name: str) -> pathlib.Path | None:
     return target if _is_complete(target, name) else None
 
 
+def toy_clip_dir(clip_dir: str | os.PathLike | None) -> str | os.PathLike:
+    """``clip_dir``, or (``None``) the shipped toy:clip that toy:llava and toy:sd are trained on."""
+    if clip_dir is not None:
+        return clip_dir
+    shipped = shipped_model_dir("clip")
+    if shipped is None:
+        raise ConfigError("The shipped toy:clip weights are missing; pass `clip_dir` (a toy:clip directory).")
+    return shipped
+
+
 def ensure_toy_model(name: str, cache_dir: str | os.PathLike) -> pathlib.Path:
     """A directory ``from_pretrained`` loads for ``toy:<name>``: the shipped weights, else a cached or
     freshly trained copy in ``cache_dir/toy-<name>`` (trained once, under a file lock, into a staging

@@ -54,8 +54,9 @@ from transformers import (
 
 from ..dev.sample_data import _SYLLABLES
 from ..dev.tiny_models import _LLAVA_CHAT_TEMPLATE, _clip_image_processor, _special_ids, llama_tokenizer
-from .checkpoints import check_same_run, latest_checkpoint, load_checkpoint, save_checkpoint, truncate_log
-from .models import shipped_model_dir
+from .checkpoints import (
+    check_run_arguments, check_same_run, load_checkpoint, run_directory, save_checkpoint, truncate_log)
+from .models import toy_clip_dir
 from .train_clip import SETTINGS_NAME, recorded_world
 from .world import ATTRIBUTE_QUESTIONS, COLOURS, NAME_QUESTION, PATTERNS, SHAPES, SLOTS, Entity, ToyWorld, full_caption  # noqa: F401
 
@@ -222,22 +223,11 @@ def train_toy_llava(
         world: the toy world (``None``: ``ToyWorld()``); clip_dir: the toy:clip to take the vision tower
             from (``None``: the shipped weights).
     """
-    for argument, value in (("steps", steps), ("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(f"`{argument}` must be a positive integer, got {value!r}.")
-    for argument, value in (("threads", threads), ("stop_after", stop_after)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-            raise ConfigError(f"`{argument}` must be a positive integer or None, got {value!r}.")
-    out_dir = pathlib.Path(out_dir)
-    latest = latest_checkpoint(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not (resume and latest is not None):
-        raise ConfigError(f"`out_dir` {str(out_dir)!r} is not empty and holds no checkpoint to resume "
-                          f"to resume (resume={resume!r}); pass a new or empty directory.")
+    check_run_arguments(dict(steps=steps, batch_size=batch_size, checkpoint_every=checkpoint_every),
+                        dict(threads=threads, stop_after=stop_after))
+    out_dir, latest = run_directory(out_dir, resume)
     world = ToyWorld() if world is None else world
-    if clip_dir is None:
-        clip_dir = shipped_model_dir("clip")
-        if clip_dir is None:
-            raise ConfigError("The shipped toy:clip weights are missing; pass `clip_dir` (a toy:clip directory).")
+    clip_dir = toy_clip_dir(clip_dir)
     say = log if log is not None else (lambda line: None)
     settings = {"world": world.params(), "seed": seed, "batch_size": batch_size, "lr": lr, "steps": steps,
                 "clip_dir": str(clip_dir), "text": TOY_LLAVA_TEXT, "aux_weight": AUX_WEIGHT, "threads": threads}

@@ -41,13 +41,13 @@ from collections.abc import Callable
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.models.embeddings import ImageProjection
-from mmrag.retrievers.errors import ConfigError
 from PIL import Image
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from ..dev.tiny_models import _clip_image_processor
-from .checkpoints import check_same_run, latest_checkpoint, load_checkpoint, save_checkpoint, truncate_log
-from .models import shipped_model_dir
+from .checkpoints import (
+    check_run_arguments, check_same_run, load_checkpoint, run_directory, save_checkpoint, truncate_log)
+from .models import toy_clip_dir
 from .train_clip import LOG_NAME, SETTINGS_NAME
 from .world import ToyWorld, describe, random_caption
 
@@ -246,23 +246,11 @@ def train_toy_sd(
     "loss"}``. ``stop_after`` (total steps) stops early with a checkpoint, as a cut-off run would;
     ``threads`` sets torch's intra-op threads for the run; the rest as :func:`train_toy_llava`.
     """
-    for argument, value in (("vae_steps", vae_steps), ("unet_steps", unet_steps), ("batch_size", batch_size),
-                            ("checkpoint_every", checkpoint_every)):
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(f"`{argument}` must be a positive integer, got {value!r}.")
-    for argument, value in (("threads", threads), ("stop_after", stop_after)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-            raise ConfigError(f"`{argument}` must be a positive integer or None, got {value!r}.")
-    out_dir = pathlib.Path(out_dir)
-    latest = latest_checkpoint(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not (resume and latest is not None):
-        raise ConfigError(f"`out_dir` {str(out_dir)!r} is not empty and holds no checkpoint to resume "
-                          f"to resume (resume={resume!r}); pass a new or empty directory.")
+    check_run_arguments(dict(vae_steps=vae_steps, unet_steps=unet_steps, batch_size=batch_size, checkpoint_every=checkpoint_every),
+                        dict(threads=threads, stop_after=stop_after))
+    out_dir, latest = run_directory(out_dir, resume)
     world = ToyWorld() if world is None else world
-    if clip_dir is None:
-        clip_dir = shipped_model_dir("clip")
-        if clip_dir is None:
-            raise ConfigError("The shipped toy:clip weights are missing; pass `clip_dir` (a toy:clip directory).")
+    clip_dir = toy_clip_dir(clip_dir)
     say = log if log is not None else (lambda line: None)
     # steps is the total schedule (VAE + UNet); the UNet phase may be lengthened on resume.
     settings = {"world": world.params(), "seed": seed, "batch_size": batch_size, "vae_lr": vae_lr, "unet_lr": unet_lr,
