@@ -139,3 +139,12 @@ def test_toy_models_train_installs_loadable_models_where_toy_names_are_looked_up
     entity = small_world.entities("heldout")[0]
     out = generator([f"the {entity.name}"], references=[[small_world.render(entity, 0)]], num_inference_steps=1, seed=0)
     assert out.images[0].size == (32, 32)
+
+
+def test_cli_toy_models_train_names_a_bad_model_in_one_line(capsys):
+    from mmrag.pipelines.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["toy-models", "train", "--only", "bogus"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'bogus'" in capsys.readouterr().err
