@@ -141,18 +141,15 @@ def _pick_composed(world):
 def _render_comparison(entity, prompt: str, grounded, plain) -> str:
     """Reference, text-only drawing and grounded drawing side by side, with the truth and the judge's reading."""
     truth = ", ".join(f"{s} {getattr(entity, s)}" for s in SLOTS)
-    reading = _judge_readings([grounded.references[0].record.open_image() if grounded.references else None,
-                               plain.images[0], grounded.images[0]])
+    reference = grounded.references[0].record.open_image() if grounded.references else None
+    panels = [("retrieved reference", reference), ("cfg: text only, no references", plain.images[0]),
+              (f"{grounded.guidance.get('name', '')}: grounded on the reference", grounded.images[0])]
     cells = []
-    for title, image, read in (("retrieved reference", grounded.references[0].record.open_image()
-                                if grounded.references else None, reading[0]),
-                               ("cfg: text only, no references", plain.images[0], reading[1]),
-                               (f"{grounded.guidance.get('name', '')}: grounded on the reference", grounded.images[0],
-                                reading[2])):
+    for (title, image), read in zip(panels, _judge_readings([image for _, image in panels])):
         img = f'<img alt="{html.escape(title)}" src="{image_data_uri(image, 256)}">' if image is not None else "<p>none</p>"
         cells.append(f'<div class="hit">{img}<div><b>{html.escape(title)}</b></div>'
                      f'<div class="scores">{html.escape(read)}</div></div>')
-    return (f"<section><h2>unseen entity {html.escape(entity.name)!s}: {html.escape(prompt)}</h2>"
+    return (f"<section><h2>unseen entity {html.escape(entity.name)}: {html.escape(prompt)}</h2>"
             f"<p>truth: {html.escape(truth)}</p><div class=\"hits\">{''.join(cells)}</div></section>")
 
 
