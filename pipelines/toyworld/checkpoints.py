@@ -1,4 +1,5 @@
-"""Resumable training checkpoints for the toy models, shared by ``train_llava`` and ``train_sd``.
+"""Resumable training checkpoints for the toy models, shared by ``train_llava`` and ``train_sd``, and
+:func:`seeded_run`, the seeded, thread-pinned scope every toy trainer runs in.
 
 A checkpoint (``checkpoints/step-NNNNNN/``) holds the trainable weights and the AdamW moments as
 safetensors, and the step, elapsed time and torch RNG state as JSON. It is written into a staging
@@ -15,7 +16,8 @@ import json
 import os
 import pathlib
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import safetensors.torch
 import torch
@@ -25,6 +27,22 @@ CHECKPOINTS = "checkpoints"
 KEEP_CHECKPOINTS = 2
 
 Trainable = Sequence[tuple[str, torch.nn.Parameter]]
+
+
+@contextmanager
+def seeded_run(seed: int, threads: int | None) -> Iterator[None]:
+    """Run the body with torch seeded by ``seed`` (the caller's generator untouched) and ``threads``
+    intra-op threads (``None``: as they are); both restored afterwards. Bytes repeat only at the same
+    thread count."""
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            yield
+    finally:
+        torch.set_num_threads(previous_threads)
 
 
 def check_run_arguments(required: dict[str, object], optional: dict[str, object]) -> None:

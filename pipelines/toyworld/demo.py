@@ -59,9 +59,7 @@ def run_toy_demo(config: Config, out: Path, *, log=None) -> Path:
     gallery = world.entities("heldout") + world.entities("validation")
     folder = out / "toy-gallery"
     for split in ("heldout", "validation"):
-        world.write_split(folder / split, split, views=1)
-    for split in ("heldout", "validation"):
-        kb.ingest(folder / split, batch_size=config.ingest.batch_size)
+        kb.ingest(world.write_split(folder / split, split, views=1), batch_size=config.ingest.batch_size)
     log(f"      {kb.info()['count']} records")
     search = SearchPipeline.from_config(config)
     sections, summary = [], []

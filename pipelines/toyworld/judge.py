@@ -40,6 +40,7 @@ from PIL import Image, ImageFilter
 from torch import nn
 
 from ..dev.sample_data import _draw
+from .checkpoints import seeded_run
 from .world import COLOURS, DEFAULT_IMAGE_SIZE, PATTERNS, SHAPES, ToyWorld
 
 JUDGE_DIR = pathlib.Path(__file__).parent / "weights" / "judge"
@@ -257,20 +258,13 @@ def train_judge(out_dir: str | os.PathLike, *, steps: int = 3000, seed: int = 0,
     world = ToyWorld() if world is None else world
     entities = world.entities("train")
     say = log if log is not None else (lambda line: None)
-    previous_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            judge = AttributeJudge(JudgeConfig(image_size=world.image_size))
-            trained = _train(judge, world, entities, out_dir / LOG_NAME, steps=steps, seed=seed,
-                             batch_size=batch_size, lr=lr, augment_images=augment_images,
-                             recolour_share=recolour_share, say=say)
+    with seeded_run(seed, threads):
+        judge = AttributeJudge(JudgeConfig(image_size=world.image_size))
+        trained = _train(judge, world, entities, out_dir / LOG_NAME, steps=steps, seed=seed,
+                         batch_size=batch_size, lr=lr, augment_images=augment_images,
+                         recolour_share=recolour_share, say=say)
         judge.save_pretrained(out_dir)
         metrics = evaluate_judge(judge, world) if evaluate else {}
-    finally:
-        torch.set_num_threads(previous_threads)
     settings = {"world": world.params(), "seed": seed, "threads": threads, "batch_size": batch_size, "lr": lr,
                 "augment": augment_images, "recolour_share": recolour_share, **trained, "measured": metrics}
     (out_dir / SETTINGS_NAME).write_text(json.dumps(settings, indent=1), encoding="utf-8")

@@ -35,6 +35,7 @@ from mmrag.retrievers.errors import ConfigError
 from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
 
 from ..dev.tiny_models import _clip_image_processor, _special_ids, clip_tokenizer
+from .checkpoints import seeded_run
 from .world import ToyWorld, full_caption, random_caption
 
 # hidden 128, 3 layers, 32-px images in 8-px patches (16 tokens + CLS); about 1M parameters, 4 MB.
@@ -121,17 +122,10 @@ def train_toy_clip(
     batch_size = min(batch_size, len(entities))
     say = log if log is not None else (lambda line: None)
 
-    previous_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        with torch.random.fork_rng(devices=[]):  # seeded without disturbing the caller's generator
-            torch.manual_seed(seed)
-            model, processor = _new_model(world)
-            trained = _train(model, processor, world, entities, out_dir, seconds=seconds, steps=steps,
-                             seed=seed, batch_size=batch_size, lr=lr, say=say)
-    finally:
-        torch.set_num_threads(previous_threads)
+    with seeded_run(seed, threads):
+        model, processor = _new_model(world)
+        trained = _train(model, processor, world, entities, out_dir, seconds=seconds, steps=steps,
+                         seed=seed, batch_size=batch_size, lr=lr, say=say)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     settings = {"world": world.params(), "seed": seed, "threads": threads, "batch_size": batch_size, "lr": lr,

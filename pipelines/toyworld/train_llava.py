@@ -55,7 +55,7 @@ from transformers import (
 from ..dev.sample_data import _SYLLABLES
 from ..dev.tiny_models import _LLAVA_CHAT_TEMPLATE, _clip_image_processor, _special_ids, llama_tokenizer
 from .checkpoints import (
-    check_run_arguments, check_same_run, load_checkpoint, run_directory, save_checkpoint, truncate_log)
+    check_run_arguments, check_same_run, load_checkpoint, run_directory, save_checkpoint, seeded_run, truncate_log)
 from .models import toy_clip_dir
 from .train_clip import SETTINGS_NAME, recorded_world
 from .world import ATTRIBUTE_QUESTIONS, COLOURS, NAME_QUESTION, PATTERNS, SHAPES, SLOTS, Entity, ToyWorld, full_caption  # noqa: F401
@@ -232,33 +232,26 @@ def train_toy_llava(
     settings = {"world": world.params(), "seed": seed, "batch_size": batch_size, "lr": lr, "steps": steps,
                 "clip_dir": str(clip_dir), "text": TOY_LLAVA_TEXT, "aux_weight": AUX_WEIGHT, "threads": threads}
 
-    previous_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        with torch.random.fork_rng(devices=[]):  # seeded without disturbing the caller's generator
-            torch.manual_seed(seed)
-            model, processor = build_toy_llava(clip_dir)
-            trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-            optimiser = torch.optim.AdamW([p for _, p in trainable], lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-            if latest is None:
-                out_dir.mkdir(parents=True, exist_ok=True)
-                processor.save_pretrained(out_dir)
-                model.save_pretrained(out_dir)
-                (out_dir / SETTINGS_NAME).write_text(json.dumps(settings, indent=1), encoding="utf-8")
-                start_step, spent = 0, 0.0
-            else:
-                check_same_run(out_dir / SETTINGS_NAME, settings, say)
-                start_step, spent = load_checkpoint(latest, trainable, optimiser)
-                truncate_log(out_dir / LOG_NAME, start_step)
-                say(f"resuming from {latest.name} (step {start_step})")
-            # The prompts come from the library's own answerer over the saved processor.
-            answerer = VLMAnswerer(out_dir, device="cpu", dtype="float32")
-            result = _train(model, optimiser, trainable, answerer, world, out_dir, start_step=start_step,
-                            spent=spent, steps=steps, stop=steps if stop_after is None else min(steps, stop_after),
-                            seed=seed, batch_size=batch_size, lr=lr, checkpoint_every=checkpoint_every, say=say)
-    finally:
-        torch.set_num_threads(previous_threads)
+    with seeded_run(seed, threads):
+        model, processor = build_toy_llava(clip_dir)
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        optimiser = torch.optim.AdamW([p for _, p in trainable], lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+        if latest is None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            processor.save_pretrained(out_dir)
+            model.save_pretrained(out_dir)
+            (out_dir / SETTINGS_NAME).write_text(json.dumps(settings, indent=1), encoding="utf-8")
+            start_step, spent = 0, 0.0
+        else:
+            check_same_run(out_dir / SETTINGS_NAME, settings, say)
+            start_step, spent = load_checkpoint(latest, trainable, optimiser)
+            truncate_log(out_dir / LOG_NAME, start_step)
+            say(f"resuming from {latest.name} (step {start_step})")
+        # The prompts come from the library's own answerer over the saved processor.
+        answerer = VLMAnswerer(out_dir, device="cpu", dtype="float32")
+        result = _train(model, optimiser, trainable, answerer, world, out_dir, start_step=start_step,
+                        spent=spent, steps=steps, stop=steps if stop_after is None else min(steps, stop_after),
+                        seed=seed, batch_size=batch_size, lr=lr, checkpoint_every=checkpoint_every, say=say)
     return result
 
 

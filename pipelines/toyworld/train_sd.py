@@ -46,7 +46,7 @@ from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer, CLIPVisionConf
 
 from ..dev.tiny_models import _clip_image_processor
 from .checkpoints import (
-    check_run_arguments, check_same_run, load_checkpoint, run_directory, save_checkpoint, truncate_log)
+    check_run_arguments, check_same_run, load_checkpoint, run_directory, save_checkpoint, seeded_run, truncate_log)
 from .models import toy_clip_dir
 from .train_clip import LOG_NAME, SETTINGS_NAME
 from .world import ToyWorld, describe, random_caption
@@ -257,35 +257,28 @@ def train_toy_sd(
                 "vae_steps": vae_steps, "steps": vae_steps + unet_steps, "unet": TOY_UNET, "vae": TOY_VAE,
                 "p_drop_text": P_DROP_TEXT, "p_drop_reference": P_DROP_REFERENCE, "threads": threads}
     settings = json.loads(json.dumps(settings))  # tuples as lists, as the saved file holds them
-    previous_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            models = ToySD(clip_dir)
-            trainable = models.vae_trainable() + models.unet_trainable()
-            optimiser = torch.optim.AdamW([{"params": [p for _, p in models.vae_trainable()], "lr": vae_lr},
-                                           {"params": [p for _, p in models.unet_trainable()], "lr": unet_lr}],
-                                          weight_decay=0.01)
-            if latest is None:
-                out_dir.mkdir(parents=True, exist_ok=True)
-                (out_dir / SETTINGS_NAME).write_text(json.dumps(settings, indent=1), encoding="utf-8")
-                start_step, spent = 0, 0.0
-            else:
-                check_same_run(out_dir / SETTINGS_NAME, settings, say)
-                start_step, spent = load_checkpoint(latest, trainable, optimiser)
-                truncate_log(out_dir / LOG_NAME, start_step)
-                say(f"resuming from {latest.name} (step {start_step})")
-                if start_step >= vae_steps:
-                    models.vae.register_to_config(scaling_factor=_latent_scale(models, world, seed))
-            total = vae_steps + unet_steps
-            stop = total if stop_after is None else min(total, stop_after)
-            result = _train(models, optimiser, trainable, world, out_dir, start_step=start_step, spent=spent,
-                            vae_steps=vae_steps, total=total, stop=stop, seed=seed, batch_size=batch_size,
-                            lrs=(vae_lr, unet_lr), checkpoint_every=checkpoint_every, say=say)
-    finally:
-        torch.set_num_threads(previous_threads)
+    with seeded_run(seed, threads):
+        models = ToySD(clip_dir)
+        trainable = models.vae_trainable() + models.unet_trainable()
+        optimiser = torch.optim.AdamW([{"params": [p for _, p in models.vae_trainable()], "lr": vae_lr},
+                                       {"params": [p for _, p in models.unet_trainable()], "lr": unet_lr}],
+                                      weight_decay=0.01)
+        if latest is None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / SETTINGS_NAME).write_text(json.dumps(settings, indent=1), encoding="utf-8")
+            start_step, spent = 0, 0.0
+        else:
+            check_same_run(out_dir / SETTINGS_NAME, settings, say)
+            start_step, spent = load_checkpoint(latest, trainable, optimiser)
+            truncate_log(out_dir / LOG_NAME, start_step)
+            say(f"resuming from {latest.name} (step {start_step})")
+            if start_step >= vae_steps:
+                models.vae.register_to_config(scaling_factor=_latent_scale(models, world, seed))
+        total = vae_steps + unet_steps
+        stop = total if stop_after is None else min(total, stop_after)
+        result = _train(models, optimiser, trainable, world, out_dir, start_step=start_step, spent=spent,
+                        vae_steps=vae_steps, total=total, stop=stop, seed=seed, batch_size=batch_size,
+                        lrs=(vae_lr, unet_lr), checkpoint_every=checkpoint_every, say=say)
     return result
 
 
